@@ -1,0 +1,3 @@
+from lance_deploy.cli import main
+
+main()

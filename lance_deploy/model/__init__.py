@@ -1,0 +1,1 @@
+"""Our own PyTorch implementation of Lance: MoT backbone, ViT, VAE."""

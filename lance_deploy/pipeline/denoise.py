@@ -1,0 +1,137 @@
+"""The KV-cached denoising loop of Lance generation (t2i, t2v, i2v, edits).
+
+Prefill every split before the noisy target into a cache (and, for text CFG, a
+second cache without the caption split, at the conditional positions, as upstream
+does); then at each step run the target split `[vision_start, latents, vision_end]`
+as one bidirectional query against each cache without writing to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lance_deploy.model.lance import LanceLM
+from lance_deploy.pipeline.sampler import SamplerConfig, flow_schedule, guide
+
+CAPTION_MODALITY = 0
+
+
+@dataclass
+class DenoiseInputs:
+    """Everything the loop needs about one sample; index tensors are sequence positions."""
+
+    token_ids: torch.Tensor  # [L]
+    split_lens: list[int]
+    attn_modes: list[str]
+    token_modality: torch.Tensor  # [L]
+    rope_pos: torch.Tensor  # [3, L], after MaPE
+    uncond_rope_pos: torch.Tensor | None  # [3, Lu], recomputed on the caption-free sequence
+    text_indexes: torch.Tensor
+    vae_indexes: torch.Tensor  # row r of `latents` sits at vae_indexes[r]
+    target_indexes: torch.Tensor  # the rows the sampler updates
+    vae_grids: list[tuple[int, int, int]]  # latent (t, h, w) of each VAE block, in order
+    latents: torch.Tensor  # [n_vae, 48]: noise on target rows, clean latents on condition rows
+    vit_indexes: torch.Tensor | None = None
+    vit_tokens: torch.Tensor | None = None  # [n_vit, D]
+
+
+@dataclass
+class DenoiseTrace:
+    """Per-step tensors, recorded when asked for (parity tests, eval)."""
+
+    x: list = field(default_factory=list)
+    v_cond: list = field(default_factory=list)
+    v_uncond: list = field(default_factory=list)
+    v_guided: list = field(default_factory=list)
+
+
+def _splits(inp: DenoiseInputs) -> list[tuple[int, int, str]]:
+    out, start = [], 0
+    for n, mode in zip(inp.split_lens, inp.attn_modes):
+        out.append((start, start + n, mode))
+        start += n
+    return out
+
+
+def _prefix_embeddings(model: LanceLM, inp: DenoiseInputs, end: int, t0: torch.Tensor) -> torch.Tensor:
+    """Embeddings of sequence positions [0, end): text, ViT tokens and (clean) VAE latents."""
+    seq = model.embed_tokens(inp.token_ids[:end])
+    if inp.vit_tokens is not None and inp.vit_indexes is not None and inp.vit_indexes.numel():
+        seq[inp.vit_indexes] = inp.vit_tokens.to(seq.dtype)
+    rows = (inp.vae_indexes < end).nonzero().flatten()
+    if rows.numel():
+        emb = model.embed_latents(inp.latents, t0, inp.vae_grids)
+        seq[inp.vae_indexes[rows]] = emb[rows]
+    return seq
+
+
+def _prefill(model: LanceLM, seq, inp: DenoiseInputs, splits, keep) -> "object":
+    cache = model.new_cache()
+    for start, end, mode in splits:
+        if not keep(start):
+            continue
+        gen = ((inp.vae_indexes >= start) & (inp.vae_indexes < end)).nonzero().flatten()
+        gen_rows = inp.vae_indexes[gen] - start if gen.numel() else None
+        model.forward_chunk(seq[start:end], inp.rope_pos[:, start:end], cache, causal=mode == "causal",
+                            gen_rows=gen_rows, update_cache=True)
+    return cache
+
+
+@torch.no_grad()
+def denoise(
+    model: LanceLM, inp: DenoiseInputs, sampler: SamplerConfig, progress=None, trace: DenoiseTrace | None = None
+) -> torch.Tensor:
+    """Run the sampler; returns the final latents [n_vae, 48] (condition rows unchanged)."""
+    splits = _splits(inp)
+    target = next(i for i, s in enumerate(splits) if s[2] == "noise")
+    t_start, t_end, _ = splits[target]
+    device = model.device
+    x = inp.latents.to(device, torch.float32).clone()
+    vae_idx = inp.vae_indexes.to(device)
+    update = torch.isin(vae_idx, inp.target_indexes.to(device))
+    in_query = (vae_idx > t_start) & (vae_idx < t_end - 1)  # latent rows of the target split
+    update_in_query = update[in_query]
+
+    seq = _prefix_embeddings(model, inp, t_start, torch.zeros(x.shape[0], device=device))
+    prefix = splits[:target]
+    cache = _prefill(model, seq, inp, prefix, keep=lambda s: True)
+    use_cfg = sampler.cfg_scale > 1.0 and inp.uncond_rope_pos is not None
+    uncond_cache = None
+    if use_cfg:
+        modality = inp.token_modality
+        uncond_cache = _prefill(model, seq, inp, prefix, keep=lambda s: int(modality[s]) != CAPTION_MODALITY)
+
+    n_query = t_end - t_start
+    marker_ids = inp.token_ids[[t_start, t_end - 1]]
+    markers = model.embed_tokens(marker_ids)
+    gen_rows = torch.arange(1, n_query - 1, device=device)
+    cond_pos = inp.rope_pos[:, t_start:t_end]
+    if use_cfg:
+        lu = uncond_cache.length
+        uncond_pos = inp.uncond_rope_pos[:, lu : lu + n_query]
+
+    timesteps, dts = flow_schedule(sampler.steps, sampler.shift)
+    for i, (t, dt) in enumerate(zip(timesteps.tolist(), dts.tolist())):
+        tt = torch.where(update, torch.tensor(t, device=device), torch.zeros((), device=device))
+        lat = model.embed_latents(x, tt, inp.vae_grids)[in_query]
+        query = torch.cat([markers[:1], lat, markers[1:]])
+        h = model.forward_chunk(query, cond_pos, cache, causal=False, gen_rows=gen_rows, update_cache=False)
+        v = model.velocity(h[1:-1])
+        if trace is not None:
+            trace.x.append(x.clone())
+            trace.v_cond.append(v.clone())
+        if use_cfg and sampler.cfg_active(t):
+            hu = model.forward_chunk(query, uncond_pos, uncond_cache, causal=False, gen_rows=gen_rows,
+                                     update_cache=False)
+            vu = model.velocity(hu[1:-1])
+            v = guide(v, vu, sampler.cfg_scale, sampler.renorm_min)
+            if trace is not None:
+                trace.v_uncond.append(vu.clone())
+        if trace is not None:
+            trace.v_guided.append(v.clone())
+        x[update] = x[update] - v[update_in_query] * dt
+        if progress is not None:
+            progress(i)
+    return x

@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-ALL: list = []
+from lance_deploy.cli.run_cmd import run_command
+
+ALL: list = [run_command]

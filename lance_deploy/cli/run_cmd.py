@@ -1,0 +1,74 @@
+"""`lance-deploy run TASK`: run one of the seven tasks from a release checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from lance_deploy.cli.common import echo_json
+
+TASK_CHOICES = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "x2t_image", "x2t_video")
+
+
+@click.command("run", epilog="""\b
+Examples:
+  lance-deploy run t2i --model ckpt/Lance_3B --prompt "A red boat at sunset" --out boat.png
+  lance-deploy run t2v --model ckpt --prompt "Waves at dusk" --frames 49 --out waves.mp4
+  lance-deploy run image_edit --model ckpt/Lance_3B --image in.png --prompt "Add snow"
+  lance-deploy run x2t_image --model ckpt/Lance_3B --image cat.png --question "What animal is this?" --json
+""")
+@click.argument("task", type=click.Choice(TASK_CHOICES))
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="Download folder or a model folder (Lance_3B / Lance_3B_Video).")
+@click.option("--vit", type=click.Path(path_type=Path), help="Qwen2.5-VL-ViT folder (default: beside the model).")
+@click.option("--vae", type=click.Path(path_type=Path), help="Wan2.2_VAE.pth (default: beside the model).")
+@click.option("--prompt", help="Caption (t2i/t2v/i2v) or edit instruction.")
+@click.option("--question", help="Question for x2t_image / x2t_video.")
+@click.option("--system", help="System prompt for understanding (default: upstream's).")
+@click.option("--image", type=click.Path(path_type=Path), help="Input image (i2v, image_edit, x2t_image).")
+@click.option("--video", type=click.Path(path_type=Path), help="Input video file or folder of numbered frames.")
+@click.option("--fps", type=float, help="Frame rate of a --video frame folder.")
+@click.option("--height", type=int, help="Output height, a multiple of 16 (t2i 768, t2v 480).")
+@click.option("--width", type=int, help="Output width, a multiple of 16 (t2i 768, t2v 848).")
+@click.option("--frames", type=int, help="Output frames, 4k+1 up to 121 (t2v 121, i2v 61).")
+@click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps.")
+@click.option("--shift", type=float, default=3.5, show_default=True, help="Timestep shift.")
+@click.option("--cfg", type=float, default=4.0, show_default=True, help="Text CFG scale (1 disables CFG).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Noise seed.")
+@click.option("--resolution", "preset", help="Input preset: image_256res, image_512res, image_768res, video_192p, "
+              "video_360p, video_480p.")
+@click.option("--vae-area-side", type=int, help="Override the preset's VAE bucket side.")
+@click.option("--vit-area-side", type=int, help="Override the preset's ViT bucket side.")
+@click.option("--device", default="auto", show_default=True, help="cuda, cuda:N or cpu.")
+@click.option("--dtype", default="auto", show_default=True,
+              help="float32 (parity-grade), bfloat16 or float16; auto = bf16 on GPU, fp32 on CPU.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output PNG/MP4 (generation) or text file (x2t).")
+@click.option("--init-noise", type=click.Path(path_type=Path), help="Safetensors file with tensor 'noise' [N, 48].")
+@click.option("--save-latents", type=click.Path(path_type=Path), help="Write final_latent_<i> per VAE block here.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="x2t decode budget.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, **opts):
+    """Run TASK (t2i, t2v, i2v, image_edit, video_edit, x2t_image, x2t_video)."""
+    from lance_deploy.cli.run_request import build_request, write_outputs
+    from lance_deploy.pipeline.pipeline import LancePipeline
+
+    start = time.perf_counter()
+    req = build_request(task, opts)
+    pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"], dtype=opts["dtype"])
+    result = pipe(req, progress=not quiet and not as_json)
+    summary = write_outputs(task, result, out, save_latents)
+    summary["timings"]["wall_s"] = round(time.perf_counter() - start, 3)
+    if as_json:
+        echo_json(summary)
+        return
+    for note in summary["notes"]:
+        click.echo(f"note: {note}", err=True)
+    if "text" in summary:
+        click.echo(summary["text"])
+    else:
+        click.echo(f"wrote {summary['output']}")
+    click.echo(f"wall time {summary['timings']['wall_s']:.2f} s", err=True)
+

@@ -1,0 +1,83 @@
+"""Load exactly the components a task needs, streamed tensor by tensor.
+
+Modules are built on the meta device and each weight is read with a positioned
+read, cast to the target dtype and placed on the device, so host RAM never holds
+a full-precision copy of the checkpoint. x2t loads no generation expert and no
+VAE; t2i/t2v load no ViT and only the VAE decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lance_deploy.checkpoint.layout import ReleaseLayout
+from lance_deploy.checkpoint.loader import load_into
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
+from lance_deploy.config import LLMConfig, VisionConfig
+from lance_deploy.model.lance import LanceLM
+from lance_deploy.pipeline.tasks import TaskSpec
+from lance_deploy.pipeline.tokenizer import LanceTokenizer
+
+VIT_PREFIX = "vit_model."
+
+
+@dataclass
+class Components:
+    """What one task runs on."""
+
+    cfg: LLMConfig
+    tokenizer: LanceTokenizer
+    lm: LanceLM
+    vit: object | None  # QwenViT
+    vae: object | None  # WanVAE
+    layout: ReleaseLayout
+
+
+def load_lm(layout: ReleaseLayout, cfg: LLMConfig, spec: TaskSpec, dtype, device) -> LanceLM:
+    """The MoT backbone with only the experts and heads the task uses."""
+    with torch.device("meta"):
+        lm = LanceLM(cfg, with_gen=spec.gen, with_lm_head=spec.lm_head)
+    load_into(lm, SafetensorsReader(layout.weights_file), dtype=dtype, device=device)
+    return lm.eval()
+
+
+def load_vit(layout: ReleaseLayout, vcfg: VisionConfig, dtype, device):
+    """The bundled ViT of the Video checkpoint wins over the standalone one, as upstream loads it last."""
+    from lance_deploy.model.vit import QwenViT
+
+    with torch.device("meta"):
+        vit = QwenViT(vcfg)
+    if layout.has_bundled_vit:
+        load_into(vit, SafetensorsReader(layout.weights_file), dtype=dtype, device=device, prefix=VIT_PREFIX)
+    else:
+        load_into(vit, SafetensorsReader(layout.require_vit()), dtype=dtype, device=device)
+    return vit.eval()
+
+
+def load_vae_parts(layout: ReleaseLayout, spec: TaskSpec, dtype, device):
+    from lance_deploy.model.vae import load_vae
+
+    parts = tuple(p for p, used in (("encoder", spec.vae_encoder), ("decoder", spec.vae_decoder)) if used)
+    return load_vae(layout.require_vae(), dtype=dtype, device=device, parts=parts)
+
+
+def load_components(layout: ReleaseLayout, spec: TaskSpec, *, dtype: torch.dtype, device) -> Components:
+    """Load the tokenizer, config and the task's modules from a release layout."""
+    cfg = LLMConfig.from_file(layout.config_file)
+    tokenizer = LanceTokenizer.from_dir(layout.tokenizer_dir)
+    lm = load_lm(layout, cfg, spec, dtype, device)
+    vit = load_vit(layout, _vision_config(layout, cfg), dtype, device) if spec.vit else None
+    vae = load_vae_parts(layout, spec, dtype, device) if (spec.vae_encoder or spec.vae_decoder) else None
+    return Components(cfg=cfg, tokenizer=tokenizer, lm=lm, vit=vit, vae=vae, layout=layout)
+
+
+def _vision_config(layout: ReleaseLayout, cfg: LLMConfig) -> VisionConfig:
+    """The standalone ViT's config.json when present, else the LLM config's vision_config."""
+    import json
+
+    vit_config = getattr(layout, "vit_config", None)
+    if vit_config is not None and vit_config.exists():
+        return VisionConfig.from_dict(json.loads(vit_config.read_text()))
+    return cfg.vision

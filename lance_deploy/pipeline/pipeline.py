@@ -1,0 +1,189 @@
+"""`LancePipeline`: the Python API that mirrors `lance-deploy run`.
+
+    pipe = LancePipeline.from_path("Lance_3B", task="t2i")
+    out = pipe(TaskRequest(task="t2i", prompt="a red boat", height=256, width=256))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lance_deploy.checkpoint.layout import discover
+from lance_deploy.errors import LanceUsageError
+from lance_deploy.pipeline.components import Components, load_components
+from lance_deploy.pipeline.denoise import DenoiseInputs, DenoiseTrace, denoise
+from lance_deploy.pipeline.encode import EncodedMedia, encode_media
+from lance_deploy.pipeline.progress import step_bar
+from lance_deploy.pipeline.sequence import build_generation_sequence, build_understanding_sequence
+from lance_deploy.pipeline.tasks import GENERATION_TASKS, SPECS, VIDEO_TASKS, TaskRequest, latent_grid
+from lance_deploy.pipeline.understand import UnderstandInputs, understand
+
+LATENT_CHANNELS = 48
+
+
+@dataclass
+class GenerationOutput:
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    latents: list  # final latent per VAE block, [t, h, w, 48]; last = target
+    timings: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    trace: DenoiseTrace | None = None
+
+
+@dataclass
+class UnderstandingOutput:
+    text: str
+    token_ids: list
+    logits: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LanceUsageError(f"--device {device}: no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise LanceUsageError(f"--dtype {dtype!r}: expected one of {', '.join(table)}")
+    return table[dtype]
+
+
+class LancePipeline:
+    """Loads the components of one task and runs requests for it."""
+
+    def __init__(self, components: Components, task: str, device: torch.device, dtype: torch.dtype):
+        self.c, self.task, self.device, self.dtype = components, task, device, dtype
+        self.load_seconds = 0.0
+
+    @classmethod
+    def from_path(cls, path, task: str, *, vit=None, vae=None, device=None, dtype=None) -> "LancePipeline":
+        """Discover the release layout under `path` and load what `task` needs."""
+        if task not in SPECS:
+            raise LanceUsageError(f"unknown task {task!r}; expected one of {', '.join(SPECS)}")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        start = time.perf_counter()
+        layout = discover(path, vit=vit, vae=vae, variant="video" if task in VIDEO_TASKS else "image")
+        if task in VIDEO_TASKS and layout.variant != "video":
+            raise LanceUsageError(
+                f"{task} needs the Lance_3B_Video checkpoint, but {layout.model_dir} is the image variant (Lance_3B)"
+            )
+        pipe = cls(load_components(layout, SPECS[task], dtype=dt, device=dev), task, dev, dt)
+        pipe.load_seconds = time.perf_counter() - start
+        return pipe
+
+    def __call__(self, req: TaskRequest, *, progress: bool = True, trace: bool = False):
+        if req.task != self.task:
+            raise LanceUsageError(f"this pipeline was loaded for {self.task}, not {req.task}")
+        req.validate()
+        if req.task in GENERATION_TASKS:
+            return self._generate(req, progress, trace)
+        return self._understand(req, progress)
+
+    # -- generation -------------------------------------------------------------------------
+    def _generate(self, req: TaskRequest, progress: bool, trace: bool) -> GenerationOutput:
+        timings = {"load_s": self.load_seconds}
+        t0 = time.perf_counter()
+        media = encode_media(self.c, req, self.device, self.dtype)
+        target = self._target_grid(req, media)
+        seq = build_generation_sequence(
+            self.c.tokenizer, req.task, req.prompt, target_grid=target,
+            vit_grids=media.vit_grids, source_grids=[tuple(s.shape[:3]) for s in media.source_latents],
+        )
+        timings["encode_s"] = time.perf_counter() - t0
+        latents = self._initial_latents(req, seq, media)
+        inp = DenoiseInputs(
+            token_ids=seq.token_ids, split_lens=seq.split_lens, attn_modes=seq.attn_modes,
+            token_modality=seq.token_modality, rope_pos=seq.rope_pos,
+            uncond_rope_pos=seq.uncond_rope_pos if req.sampler.cfg_scale > 1.0 else None,
+            text_indexes=seq.text_indexes, vae_indexes=seq.vae_indexes, target_indexes=seq.target_indexes,
+            vae_grids=[b.grid for b in seq.vae_blocks], latents=latents,
+            vit_indexes=seq.vit_indexes, vit_tokens=media.vit_tokens,
+        )
+        t1 = time.perf_counter()
+        rec = DenoiseTrace() if trace else None
+        with step_bar(req.sampler.steps, f"{req.task} denoise", progress) as tick:
+            x = denoise(self.c.lm, inp, req.sampler, progress=tick, trace=rec)
+        timings["denoise_s"] = time.perf_counter() - t1
+        timings["s_per_step"] = timings["denoise_s"] / req.sampler.steps
+        blocks = _split_blocks(x, [b.grid for b in seq.vae_blocks])
+        t2 = time.perf_counter()
+        from lance_deploy.media.io import to_uint8
+
+        pixels = self.c.vae.decode(blocks[-1].to(self.device, self.dtype))
+        frames = to_uint8(pixels.float().cpu())
+        timings["vae_decode_s"] = time.perf_counter() - t2
+        return GenerationOutput(frames=frames, latents=[b.cpu() for b in blocks], timings=timings,
+                                notes=req.notes + media.notes, trace=rec)
+
+    def _target_grid(self, req: TaskRequest, media: EncodedMedia) -> tuple[int, int, int]:
+        if req.task in ("t2i", "t2v"):
+            return latent_grid(req.frames or 1, req.height, req.width)
+        if req.task == "i2v":
+            _, h, w, _ = media.cond_latent.shape
+            return (req.frames - 1) // 4 + 1, h, w
+        return tuple(media.source_latents[-1].shape[:3])  # edits: the source's size
+
+    def _initial_latents(self, req: TaskRequest, seq, media: EncodedMedia) -> torch.Tensor:
+        """Noise over every VAE token; condition rows then take their clean latents."""
+        n = int(seq.vae_indexes.numel())
+        if req.init_noise is not None:
+            noise = req.init_noise.float()
+            if tuple(noise.shape) != (n, LATENT_CHANNELS):
+                raise LanceUsageError(
+                    f"--init-noise: tensor 'noise' has shape {tuple(noise.shape)}, expected ({n}, {LATENT_CHANNELS})"
+                )
+        else:
+            gen = torch.Generator().manual_seed(req.seed)
+            noise = torch.randn(n, LATENT_CHANNELS, generator=gen)
+        latents, offset, sources = noise.clone(), 0, iter(media.source_latents)
+        for block in seq.vae_blocks:
+            t, h, w = block.grid
+            if block.role == "source":
+                latents[offset : offset + t * h * w] = next(sources).reshape(-1, LATENT_CHANNELS).float().cpu()
+            elif block.clean_frames:  # i2v: the first latent frame is the encoded image
+                k = block.clean_frames * h * w
+                latents[offset : offset + k] = media.cond_latent.reshape(-1, LATENT_CHANNELS)[:k].float().cpu()
+            offset += t * h * w
+        return latents
+
+    # -- understanding ----------------------------------------------------------------------
+    def _understand(self, req: TaskRequest, progress: bool) -> UnderstandingOutput:
+        timings = {"load_s": self.load_seconds}
+        t0 = time.perf_counter()
+        media = encode_media(self.c, req, self.device, self.dtype)
+        tok = self.c.tokenizer
+        seq = build_understanding_sequence(tok, req.system, req.question, media.vit_grids[0], req.max_new_tokens)
+        inp = UnderstandInputs(prompt_ids=seq.prompt_ids, split_lens=seq.split_lens, attn_modes=seq.attn_modes,
+                               rope_pos=seq.rope_pos, vit_indexes=seq.vit_indexes, vit_tokens=media.vit_tokens)
+        timings["encode_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        with step_bar(req.max_new_tokens, f"{req.task} decode", progress) as tick:
+            res = understand(self.c.lm, inp, max_new_tokens=req.max_new_tokens, eos_id=tok.im_end,
+                             vocab_limit=len(tok), keep_logits=True, progress=tick)
+        timings["decode_s"] = time.perf_counter() - t1
+        ids = res.token_ids[:-1] if res.token_ids and res.token_ids[-1] == tok.im_end else res.token_ids
+        return UnderstandingOutput(text=tok.decode(ids), token_ids=res.token_ids, logits=res.logits,
+                                   timings=timings, notes=req.notes + media.notes)
+
+
+def _split_blocks(x: torch.Tensor, grids) -> list[torch.Tensor]:
+    out, start = [], 0
+    for t, h, w in grids:
+        out.append(x[start : start + t * h * w].reshape(t, h, w, LATENT_CHANNELS))
+        start += t * h * w
+    return out

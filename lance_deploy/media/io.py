@@ -1,0 +1,247 @@
+"""Reading and writing images and videos as uint8 RGB arrays.
+
+Images go through Pillow, videos through the ffmpeg that imageio-ffmpeg bundles.
+Every failure a user can cause (a missing, unreadable or corrupt file, a frame
+folder without --fps) becomes a one-line `MediaError` / `LanceUsageError` that
+names the file. Writes are atomic: a temporary file in the destination folder,
+then `os.replace`, so a crash never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lance_deploy.errors import LanceError, LanceUsageError, MediaError
+
+# Frame-folder members we read; anything else (a .txt, a hidden file) is ignored.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+
+# H.264 quality of written videos (lower is better; 18 is visually lossless).
+VIDEO_CRF = 18
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert to RGB the way upstream's dataset does: transparency goes over white."""
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    return image.convert("RGB")
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file as uint8 [H, W, 3] RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here and not later
+            rgb = _to_rgb(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise MediaError(f"cannot decode image {path}: {_one_line(exc)}") from exc
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def write_image(frame: np.ndarray, path) -> None:
+    """Write one uint8 [H, W, 3] frame (or [1, H, W, 3]) as a PNG, atomically."""
+    frame = np.asarray(frame)
+    if frame.ndim == 4 and frame.shape[0] == 1:
+        frame = frame[0]
+    _check_uint8_rgb(frame, ndim=3, what="an image")
+    path = Path(path)
+    try:
+        with _atomic_target(path, ".png") as tmp:
+            Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
+    except OSError as exc:
+        raise LanceError(f"cannot write image {path}: {_one_line(exc)}") from exc
+
+
+# --------------------------------------------------------------------------- videos
+
+
+def read_video(path, fps: float | None = None) -> tuple[np.ndarray, float]:
+    """Read a video file or a folder of numbered frames as (uint8 [N, H, W, 3], fps).
+
+    For a video file `fps` overrides the container's frame rate when given. A
+    folder has no frame rate, so `fps` is required; its frames are the image
+    files sorted by the number in their names (frame_2 before frame_10).
+    """
+    path = Path(path)
+    if fps is not None and not fps > 0:
+        raise LanceUsageError(f"--fps must be positive, got {fps} (for {path})")
+    if path.is_dir():
+        return _read_frame_folder(path, fps)
+    if not path.is_file():
+        raise MediaError(f"video not found: {path}")
+    frames, container_fps = _read_video_file(path)
+    return frames, float(fps) if fps is not None else container_fps
+
+
+def _frame_number(name: str) -> int | None:
+    """The last run of digits in a file stem ("clip_0012.png" -> 12), or None."""
+    digits = re.findall(r"\d+", Path(name).stem)
+    return int(digits[-1]) if digits else None
+
+
+def _read_frame_folder(folder: Path, fps: float | None) -> tuple[np.ndarray, float]:
+    """Read the numbered image files of a folder, in numeric order."""
+    if fps is None:
+        raise LanceUsageError(f"{folder} is a folder of frames: pass its frame rate with --fps")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+             and not p.name.startswith(".")]
+    if not files:
+        raise MediaError(f"no image frames found in folder {folder}")
+    unnumbered = sorted(p.name for p in files if _frame_number(p.name) is None)
+    if unnumbered:
+        raise MediaError(f"frame {folder / unnumbered[0]} has no frame number in its name")
+    # Numeric order, the name breaking ties (e.g. "1.png" vs "01.png").
+    files.sort(key=lambda p: (_frame_number(p.name), p.name))
+    frames = [read_image(p) for p in files]
+    first = frames[0].shape
+    for p, frame in zip(files, frames):
+        if frame.shape != first:
+            raise MediaError(f"frame {p} is {frame.shape[1]}x{frame.shape[0]}, "
+                             f"the first frame is {first[1]}x{first[0]}")
+    return np.stack(frames), float(fps)
+
+
+def _read_video_file(path: Path) -> tuple[np.ndarray, float]:
+    """Decode every frame of a video file with ffmpeg; return the frames and the container fps."""
+    import imageio_ffmpeg  # deferred: it locates the ffmpeg binary on import
+
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    try:
+        meta = next(reader)
+        width, height = meta["size"]
+        frames = [np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3) for buf in reader]
+    except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as exc:
+        raise MediaError(f"cannot decode video {path}: {_one_line(exc)}") from exc
+    finally:
+        reader.close()  # stops ffmpeg if decoding ended early
+    if not frames:
+        raise MediaError(f"video {path} has no frames")
+    container_fps = float(meta.get("fps") or 0.0)
+    if not container_fps > 0:
+        raise MediaError(f"video {path} has no frame rate: pass one with --fps")
+    return np.stack(frames), container_fps
+
+
+def write_video(frames: np.ndarray, path, fps: int = 12) -> None:
+    """Write uint8 [T, H, W, 3] frames as an H.264 (yuv420p) MP4, atomically.
+
+    yuv420p needs even sides, so an odd height or width is padded by repeating
+    the last row or column (Lance's outputs are multiples of 16 anyway).
+    """
+    import imageio_ffmpeg
+
+    frames = np.asarray(frames)
+    _check_uint8_rgb(frames, ndim=4, what="a video")
+    if not fps > 0:
+        raise LanceUsageError(f"the frame rate must be positive, got {fps} (for {path})")
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    height, width = frames.shape[1:3]
+    path = Path(path)
+    try:
+        with _atomic_target(path, ".mp4") as tmp:
+            writer = imageio_ffmpeg.write_frames(
+                str(tmp), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+                quality=None, macro_block_size=1, ffmpeg_log_level="error",
+                output_params=["-crf", str(VIDEO_CRF), "-movflags", "+faststart"],
+            )
+            writer.send(None)  # start ffmpeg
+            try:
+                for frame in frames:
+                    writer.send(np.ascontiguousarray(frame))
+            finally:
+                writer.close()  # flushes and waits for ffmpeg; raises if it failed
+    except (OSError, RuntimeError) as exc:
+        raise LanceError(f"cannot write video {path}: {_one_line(exc)}") from exc
+
+
+# --------------------------------------------------------------------------- decoded tensors
+
+
+def to_uint8(decoded: torch.Tensor) -> np.ndarray:
+    """Decoded pixels [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3], as upstream `decode_video_tensor`.
+
+    The same float32 op sequence as upstream: clip to [-1, 1], *0.5 +0.5, *255,
+    torch.round (half to even), clamp, cast.
+    """
+    if decoded.ndim != 4 or decoded.shape[0] != 3:
+        raise ValueError(f"expected decoded pixels [3, T, H, W], got {list(decoded.shape)}")
+    x = decoded.detach().to("cpu", torch.float32).permute(1, 0, 2, 3)
+    x = x.clip(-1, 1).mul(0.5).add(0.5).mul(255).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_uint8_rgb(array: np.ndarray, ndim: int, what: str) -> None:
+    """Reject anything but uint8 RGB with `ndim` dims and non-empty sides."""
+    if array.dtype != np.uint8 or array.ndim != ndim or array.shape[-1] != 3 or 0 in array.shape:
+        shape = "[H, W, 3]" if ndim == 3 else "[T, H, W, 3]"
+        raise ValueError(f"{what} must be uint8 {shape}, got {array.dtype} {list(array.shape)}")
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path, suffix: str):
+    """Yield a temporary path next to `path`; move it onto `path` only if the body succeeds.
+
+    The temporary file keeps the real suffix because ffmpeg picks the container
+    from it, and it lives in the same folder so `os.replace` is an atomic rename.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise LanceUsageError(f"output folder does not exist: {folder} (for {path})")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    # mkstemp creates the file 0600; give the output the usual umask-based mode.
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask (read once; os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line.
+
+    imageio-ffmpeg appends ffmpeg's whole stderr (version banner first) after
+    "=== stderr ==="; only its last line says what went wrong.
+    """
+    head, _, stderr = str(exc).partition("=== stderr ===")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    text = " ".join(head.split())
+    if lines:
+        text = f"{text} ({lines[-1]})" if text else lines[-1]
+    return text[:300] if text else type(exc).__name__

@@ -267,14 +267,13 @@ class QwenViT(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
-        # head_dim/2 rotary angles per token: head_dim/4 frequencies for h, the same ones again for w.
-        rot = cfg.head_dim // 2
-        inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _rotary(self, hw: Tensor) -> tuple[Tensor, Tensor]:
         """(h, w) positions [L, 2] -> fp32 (cos, sin) [L, head_dim], laid out [h-angles, w-angles] twice."""
-        inv = self.inv_freq.float()
+        # head_dim/2 rotary angles per token: head_dim/4 frequencies for h, the same ones again for w.
+        # Computed here, not as a buffer, so a meta-built model needs no extra materialisation step.
+        rot = self.cfg.head_dim // 2
+        inv = 1.0 / (ROPE_THETA ** (torch.arange(0, rot, 2, dtype=torch.float32, device=hw.device) / rot))
         angles = torch.cat([hw[:, :1].float() * inv, hw[:, 1:].float() * inv], dim=-1)  # [L, head_dim/2]
         emb = torch.cat([angles, angles], dim=-1)  # [L, head_dim]
         return emb.cos(), emb.sin()

@@ -20,9 +20,6 @@ from lance_deploy.model.lance import LanceLM
 from lance_deploy.pipeline.tasks import TaskSpec
 from lance_deploy.pipeline.tokenizer import LanceTokenizer
 
-VIT_PREFIX = "vit_model."
-
-
 @dataclass
 class Components:
     """What one task runs on."""
@@ -39,7 +36,8 @@ def load_lm(layout: ReleaseLayout, cfg: LLMConfig, spec: TaskSpec, dtype, device
     """The MoT backbone with only the experts and heads the task uses."""
     with torch.device("meta"):
         lm = LanceLM(cfg, with_gen=spec.gen, with_lm_head=spec.lm_head)
-    load_into(lm, SafetensorsReader(layout.weights_file), dtype=dtype, device=device)
+    with layout.open_weights() as reader:
+        load_into(lm, reader, dtype=dtype, device=device)
     return lm.eval()
 
 
@@ -49,10 +47,9 @@ def load_vit(layout: ReleaseLayout, vcfg: VisionConfig, dtype, device):
 
     with torch.device("meta"):
         vit = QwenViT(vcfg)
-    if layout.has_bundled_vit:
-        load_into(vit, SafetensorsReader(layout.weights_file), dtype=dtype, device=device, prefix=VIT_PREFIX)
-    else:
-        load_into(vit, SafetensorsReader(layout.require_vit()), dtype=dtype, device=device)
+    source = layout.require_vit()
+    with SafetensorsReader(source.file) as reader:
+        load_into(vit, reader, dtype=dtype, device=device, prefix=source.prefix)
     return vit.eval()
 
 

@@ -1,0 +1,230 @@
+"""Safetensors reading with positioned reads only.
+
+Why not ``safetensors.safe_open``: it memory-maps the whole file. On a 24 GB machine
+mapping the 28 GB F32 Video checkpoint fails with ENOMEM (and even when it works the
+page cache fills with tensors we only cast and move). Here every tensor is read with
+``os.preadv`` into a fresh buffer of exactly its size, so host RAM holds one tensor
+at a time. The writer lives in ``safetensors_write`` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lance_deploy.errors import CheckpointError
+
+# safetensors dtype tag -> (torch dtype, item size in bytes). Only tags this torch knows.
+_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+for _tag, _name, _size in (("F8_E4M3", "float8_e4m3fn", 1), ("F8_E5M2", "float8_e5m2", 1),
+                           ("U16", "uint16", 2), ("U32", "uint32", 4), ("U64", "uint64", 8)):
+    if hasattr(torch, _name):
+        _DTYPES[_tag] = (getattr(torch, _name), _size)
+_TAG_OF = {dt: tag for tag, (dt, _) in _DTYPES.items()}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""Same limit as the reference implementation; a larger length means a corrupt file."""
+
+_CHUNK = 256 * 1024 * 1024  # Linux caps one read at ~2 GiB; stay well below.
+
+if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+    raise ImportError("lance_deploy.checkpoint needs a little-endian host")
+
+
+def torch_dtype(tag: str) -> torch.dtype:
+    """Torch dtype for a safetensors dtype tag ('F32', 'BF16', ...)."""
+    try:
+        return _DTYPES[tag][0]
+    except KeyError:
+        raise CheckpointError(f"unsupported safetensors dtype {tag!r}") from None
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    """Safetensors dtype tag for a torch dtype (torch.bfloat16 -> 'BF16')."""
+    try:
+        return _TAG_OF[dtype]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def itemsize(tag: str) -> int:
+    """Bytes per element of a safetensors dtype tag."""
+    torch_dtype(tag)
+    return _DTYPES[tag][1]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header entry of one tensor; ``offset`` is absolute in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _parse_header(path: Path, fd: int, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {msg}")
+
+    if size < 8:
+        raise bad(f"truncated file ({size} bytes; a safetensors file starts with an 8-byte header length)")
+    n = int.from_bytes(os.pread(fd, 8, 0), "little")
+    if n > size - 8:
+        raise bad(f"truncated file or corrupt header: header length {n} but the file has {size} bytes")
+    if n == 0 or n > MAX_HEADER_BYTES:
+        raise bad(f"not a safetensors file (header length {n})")
+    raw = os.pread(fd, n, 8)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"corrupt header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise bad("corrupt header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise bad("corrupt header (__metadata__ is not an object)")
+    data_start = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, e in header.items():
+        try:
+            tag, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"corrupt header entry for {name!r}: {e!r}")
+        if tag not in _DTYPES:
+            raise bad(f"tensor {name!r} has unsupported dtype {tag!r}")
+        info = TensorInfo(name, tag, shape, data_start + begin, end - begin)
+        if info.nbytes != info.numel * _DTYPES[tag][1]:
+            raise bad(f"corrupt header: tensor {name!r} {tag}{list(shape)} needs "
+                      f"{info.numel * _DTYPES[tag][1]} bytes but its offsets span {info.nbytes}")
+        if data_start + end > size:
+            raise bad(f"truncated file: tensor {name!r} ends at byte {data_start + end} "
+                      f"but the file has {size} bytes")
+        infos[name] = info
+    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in infos.values() if i.nbytes)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise bad(f"corrupt header: tensors {a!r} and {b!r} overlap")
+    return infos, {str(k): str(v) for k, v in meta.items()}
+
+
+def _read_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    pos, total = 0, len(buf)
+    while pos < total:
+        want = min(_CHUNK, total - pos)
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [buf[pos:pos + want]], offset + pos)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, want, offset + pos)
+            got = len(data)
+            buf[pos:pos + got] = data
+        if got <= 0:
+            raise CheckpointError(f"{path}: truncated file (read stopped at byte {offset + pos})")
+        pos += got
+
+
+class SafetensorsReader:
+    """Header-validated safetensors file read tensor by tensor with ``pread``.
+
+    Opening parses and checks only the header (cheap even for 28 GB). Use as a
+    context manager or call ``close()``; the file descriptor is the only resource.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found (expected a .safetensors file)") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+        try:
+            size = os.fstat(self._fd).st_size
+            self._infos, self.metadata = _parse_header(self.path, self._fd, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def keys(self) -> list[str]:
+        """Tensor names in header order (``__metadata__`` excluded)."""
+        return list(self._infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype/shape/location of one tensor, from the header."""
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """All header entries (a copy)."""
+        return dict(self._infos)
+
+    def stored_dtypes(self) -> set[str]:
+        """The set of dtype tags present, e.g. ``{'F32'}``."""
+        return {i.dtype for i in self._infos.values()}
+
+    def read(self, key: str, dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+        """Read one tensor into a fresh buffer, cast to ``dtype`` and move to ``device``."""
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path}: reader is closed")
+        info = self.info(key)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            _read_into(self._fd, memoryview(raw.numpy()).cast("B"), info.offset, self.path)
+        t = raw.view(torch_dtype(info.dtype)).reshape(info.shape)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)  # cast on the host: moves fewer bytes when narrowing F32 -> BF16
+        return t.to(device)
+
+    def close(self) -> None:
+        """Close the file descriptor (idempotent)."""
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsReader({str(self.path)!r}, {len(self._infos)} tensors)"
+
+
+from lance_deploy.checkpoint.safetensors_write import SafetensorsWriter  # noqa: E402  (re-export)
+
+__all__ = ["SafetensorsReader", "SafetensorsWriter", "TensorInfo", "torch_dtype", "dtype_tag", "itemsize"]

@@ -1,0 +1,143 @@
+"""Streaming, atomic safetensors writer.
+
+The header is computed up front from (name, dtype, shape), so tensors can be
+produced and written one at a time: writing the 28 GB Video checkpoint needs RAM
+for one tensor, not for the file. Output follows the format exactly (8-byte
+little-endian header length, JSON header padded with spaces to an 8-byte
+boundary, tensor bytes back to back) and opens with ``safetensors.safe_open``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from lance_deploy.checkpoint.safetensors_io import dtype_tag, itemsize
+from lance_deploy.errors import CheckpointError
+
+_CHUNK = 64 * 1024 * 1024
+
+
+def _normalise_dtype(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        return dtype_tag(dtype)
+    itemsize(dtype)  # validates the tag
+    return dtype
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, atomically.
+
+    ``entries`` fixes the file content: ``(name, dtype, shape)`` with dtype a tag
+    ('F32', 'BF16', ...) or a torch dtype. Data is laid out in that order. Call
+    ``write(name, tensor)`` once per entry (any order; positioned writes), then
+    ``close()`` - or use ``with`` - which fsyncs and renames the temporary file
+    into place. On an exception inside ``with``, or when entries are left
+    unwritten, the temporary file is removed and nothing appears at ``path``.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict[str, object] = {}
+        if metadata is not None:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        self._layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        pos = 0
+        for name, dtype, shape in entries:
+            if name in self._layout or name == "__metadata__":
+                raise CheckpointError(f"{self.path}: duplicate or reserved tensor name {name!r}")
+            tag, shape = _normalise_dtype(dtype), tuple(int(d) for d in shape)
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * itemsize(tag)
+            header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            self._layout[name] = (tag, shape, pos, nbytes)
+            pos += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the format wants the data to start 8-byte aligned
+        self._data_start = 8 + len(raw)
+        self.total_bytes = self._data_start + pos
+        self._written: set[str] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._pwrite(len(raw).to_bytes(8, "little") + raw, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:done + _CHUNK], offset + done)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one declared tensor; its dtype and shape must match the declaration."""
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path}: writer is closed")
+        if name not in self._layout:
+            raise CheckpointError(f"{self.path}: tensor {name!r} was not declared")
+        if name in self._written:
+            raise CheckpointError(f"{self.path}: tensor {name!r} written twice")
+        tag, shape, pos, nbytes = self._layout[name]
+        if dtype_tag(tensor.dtype) != tag or tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {dtype_tag(tensor.dtype)}{list(tensor.shape)}, "
+                                  f"declared {tag}{list(shape)}")
+        if nbytes:
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._pwrite(flat.numpy(), self._data_start + pos)
+        self._written.add(name)
+
+    @property
+    def pending(self) -> list[str]:
+        """Declared tensors not written yet."""
+        return [n for n in self._layout if n not in self._written]
+
+    def close(self) -> None:
+        """Finish: fsync, rename into place, fsync the directory. Raises if entries are missing."""
+        if self._fd < 0:
+            return
+        missing = self.pending
+        if missing:
+            self.abort()
+            raise CheckpointError(f"{self.path}: {len(missing)} declared tensors were never written "
+                                  f"(first: {missing[0]!r}); file not created")
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        os.replace(self._tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+    def abort(self) -> None:
+        """Drop the temporary file; nothing is created at ``path``."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.abort()

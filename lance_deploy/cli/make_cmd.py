@@ -1,0 +1,41 @@
+"""`lance-deploy make-checkpoint`: random weights in the exact release layout."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("make-checkpoint")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--tiny", "size", flag_value="tiny", help="Golden-fixture shapes (hidden 64, 2 layers); ~25 MB.")
+@click.option("--full", "size", flag_value="full",
+              help="Release shapes: ~57 GB at float32 (24.7 GB Lance_3B, 28.4 GB Video, ViT, VAE).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Storage dtype of the two model.safetensors (the ViT stays BF16, the VAE F32, as released).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--force", is_flag=True, help="Replace OUT if it already holds a checkpoint.")
+def make_cmd(out: str, size: str | None, dtype: str, seed: int, force: bool) -> None:
+    """Write a random Lance checkpoint to OUT in the release folder layout.
+
+    OUT gets Lance_3B/, Lance_3B_Video/ (with the bundled ViT), Qwen2.5-VL-ViT/
+    and Wan2.2_VAE.pth, plus a tiny Qwen2-format tokenizer. Tensors are
+    generated and written one at a time (RAM ~ one tensor); the folder appears
+    only when complete.
+
+    \b
+    Examples:
+      lance-deploy make-checkpoint --tiny exported/tiny
+      lance-deploy make-checkpoint --full --dtype bfloat16 /data/lance-random
+    """
+    if size is None:
+        raise click.UsageError("choose --tiny or --full")
+    import sys
+
+    import torch
+
+    from lance_deploy.checkpoint.make import make_checkpoint
+
+    # On a terminal the progress bar names the file being written; elsewhere (logs, CI) one line per file.
+    log = (lambda s: None) if sys.stderr.isatty() else (lambda s: click.echo(f"writing {s}", err=True))
+    path = make_checkpoint(out, size=size, dtype=getattr(torch, dtype), seed=seed, force=force, log=log)
+    click.echo(f"wrote {path}")

@@ -116,3 +116,18 @@ def test_bad_init_noise_shape(ckpt, tmp_path):
                       "--out", str(tmp_path / "o.png")])
     assert code == 2
     _assert_one_line(err, "--init-noise", "(4, 48)")
+
+
+def test_foreign_checkpoint_names_offending_keys(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "Lance_3B"
+    shutil.copytree(ckpt / "Lance_3B", model)
+    sd = load_file(str(model / "model.safetensors"))
+    sd.pop("language_model.model.layers.1.mlp_moe_gen.up_proj.weight")
+    sd["language_model.model.norm.weight"] = sd["language_model.model.norm.weight"][:32].clone()
+    save_file(sd, str(model / "model.safetensors"))
+    code, err = _run(["run", "t2i", "--model", str(model), "--vae", str(ckpt / "Wan2.2_VAE.pth"), "--prompt", "x",
+                      "--height", "32", "--width", "32", "--steps", "1"])
+    assert code == 2
+    _assert_one_line(err, "layers.1.mlp_moe_gen.up_proj.weight", "norm.weight")

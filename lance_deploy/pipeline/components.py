@@ -14,6 +14,7 @@ import torch
 
 from lance_deploy.checkpoint.layout import ReleaseLayout
 from lance_deploy.checkpoint.loader import load_into
+from lance_deploy.checkpoint.names import check_keys, expected_lance_shapes
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.config import LLMConfig, VisionConfig
 from lance_deploy.model.lance import LanceLM
@@ -37,6 +38,10 @@ def load_lm(layout: ReleaseLayout, cfg: LLMConfig, spec: TaskSpec, dtype, device
     with torch.device("meta"):
         lm = LanceLM(cfg, with_gen=spec.gen, with_lm_head=spec.lm_head)
     with layout.open_weights() as reader:
+        # the whole release key set is checked from the header first, so a damaged or foreign
+        # file fails before any tensor is read, naming its first offending keys
+        expected = expected_lance_shapes(cfg, layout.variant, latent_rows=layout.latent_rows)
+        check_keys(reader, expected, str(layout.weights_file))
         load_into(lm, reader, dtype=dtype, device=device)
     return lm.eval()
 

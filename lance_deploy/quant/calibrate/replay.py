@@ -1,0 +1,81 @@
+"""Replay recorded programs through one decoder layer at a time.
+
+Layer L's inputs are layer L-1's outputs for every recorded call, so calibration holds one
+layer's weights and the programs' hidden states, never the whole model. Each program gets its
+own KV caches per layer, rebuilt from its prefill calls, exactly as the full model builds them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lance_deploy.config import LLMConfig
+from lance_deploy.model.attention import KVCache
+from lance_deploy.model.mot import MoTLayer, Routing
+from lance_deploy.model.rope import mrope_cos_sin
+from lance_deploy.quant.calibrate.record import Program
+
+# The Linear whose input each statistics group observes; its siblings share that input.
+INPUT_GROUPS = {
+    "attn_in": ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    "attn_out": ("self_attn.o_proj", ("self_attn.o_proj",)),
+    "mlp_in": ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    "mlp_out": ("mlp.down_proj", ("mlp.down_proj",)),
+}
+
+
+def gen_name(und_name: str) -> str:
+    """Release-style name of the generation twin of an und submodule path."""
+    head, _, tail = und_name.partition(".")
+    if head == "self_attn":
+        return f"self_attn.{tail}_moe_gen"
+    return f"{head}_moe_gen.{tail}"
+
+
+def _cos_sin(cfg: LLMConfig, pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return mrope_cos_sin(pos.to(device), cfg.head_dim, cfg.rope_theta, cfg.mrope_section, torch.float32)
+
+
+@torch.no_grad()
+def run_layer(
+    layer: MoTLayer, cfg: LLMConfig, programs: list[Program], inputs: list[list[torch.Tensor]], device
+) -> list[list[torch.Tensor]]:
+    """Outputs of `layer` for every call of every program, given that layer's inputs."""
+    outputs = []
+    dtype = next(layer.parameters()).dtype if any(True for _ in layer.parameters()) else torch.float32
+    for program, xs in zip(programs, inputs):
+        caches: dict[int, KVCache] = {}
+        outs = []
+        for call, x in zip(program.calls, xs):
+            cache = caches.setdefault(call.cache, KVCache(cfg.num_hidden_layers))
+            routing = Routing.of(x.shape[0], call.gen_rows, device)
+            h = layer(x.to(device, dtype), _cos_sin(cfg, call.pos, device), routing, cache, call.causal,
+                      call.update_cache)
+            outs.append(h.cpu())
+        outputs.append(outs)
+    return outputs
+
+
+def observe(layer: MoTLayer, stats_for) -> list:
+    """Forward hooks feeding each input group's LayerStats; returns the hook handles.
+
+    `stats_for(expert, group)` returns the LayerStats of that expert's group ('und' / 'gen').
+    """
+    handles = []
+    for group, (probe, _) in INPUT_GROUPS.items():
+        for expert, path in (("und", probe), ("gen", gen_name(probe))):
+            module = layer.get_submodule(path) if _has(layer, path) else None
+            if module is None:
+                continue
+            stats = stats_for(expert, group)
+            handles.append(module.register_forward_hook(lambda m, args, out, s=stats: s.update(args[0])))
+    return handles
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

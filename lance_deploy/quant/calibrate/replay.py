@@ -69,8 +69,15 @@ def observe(layer: MoTLayer, stats_for) -> list:
             if module is None:
                 continue
             stats = stats_for(expert, group)
-            handles.append(module.register_forward_hook(lambda m, args, out, s=stats: s.update(args[0])))
+            handles.append(module.register_forward_hook(_feeder(stats)))
     return handles
+
+
+def _feeder(stats):
+    def hook(module, args, output):
+        stats.update(args[0])  # returns None: a hook's return value would replace the output
+
+    return hook
 
 
 def _has(module: nn.Module, path: str) -> bool:

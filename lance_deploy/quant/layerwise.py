@@ -1,0 +1,67 @@
+"""The sequential layer loop: observe a layer's inputs, quantize it, propagate its quantized outputs.
+
+Each layer is calibrated on the outputs of the already-quantized layers before it (as GPTQ
+and llm-compressor's sequential pipeline do), so later layers adapt to earlier errors.
+Only one layer's weights and statistics are live at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from lance_deploy.config import LLMConfig
+from lance_deploy.model.mot import MoTLayer
+from lance_deploy.quant.algorithms.stats import LayerStats
+from lance_deploy.quant.apply import CALIBRATED, LayerResult, LinearJob, install, quantize_layer
+from lance_deploy.quant.calibrate.record import Program
+from lance_deploy.quant.calibrate.replay import INPUT_GROUPS, gen_name, observe, run_layer
+
+
+def _stats_factory(layer: MoTLayer, jobs: dict[str, LinearJob], stats: dict, reservoir: int):
+    """LayerStats per (expert, group), with a Hessian only where GPTQ will read it."""
+
+    def make(expert: str, group: str) -> LayerStats:
+        probe, members = INPUT_GROUPS[group]
+        paths = list(members) if expert == "und" else [gen_name(m) for m in members]
+        in_features = layer.get_submodule(paths[0]).weight.shape[1]
+        hessian = any(jobs[p].algorithm == "gptq" for p in paths if p in jobs)
+        return stats.setdefault((expert, group), LayerStats(
+            in_features, cap=reservoir, hessian_dtype=torch.float32 if hessian else None))
+
+    return make
+
+
+def quantize_layers(
+    cfg: LLMConfig,
+    programs: list[Program],
+    layer_at: Callable[[int], MoTLayer],
+    jobs_for: Callable[[int], dict[str, LinearJob]],
+    device: torch.device,
+    *,
+    start: int = 0,
+    hidden: list[list[torch.Tensor]] | None = None,
+    reservoir: int = 512,
+) -> Iterator[tuple[int, LayerResult, list[list[torch.Tensor]]]]:
+    """Yield (layer index, its packed Linears, the layer's quantized outputs) from `start` on.
+
+    `hidden` is the input of layer `start` for every recorded call (default: the recorded
+    layer-0 inputs); resuming passes the outputs saved after layer `start - 1`.
+    """
+    if hidden is None:
+        hidden = [[c.x for c in p.calls] for p in programs]
+    for index in range(start, cfg.num_hidden_layers):
+        layer, jobs = layer_at(index), jobs_for(index)
+        stats: dict = {}
+        if any(j.algorithm in CALIBRATED for j in jobs.values()):
+            handles = observe(layer, _stats_factory(layer, jobs, stats, reservoir))
+            try:
+                run_layer(layer, cfg, programs, hidden, device)
+            finally:
+                for h in handles:
+                    h.remove()
+        result = quantize_layer(layer, jobs, stats)
+        install(layer, result)
+        hidden = run_layer(layer, cfg, programs, hidden, device)
+        yield index, result, hidden

@@ -19,7 +19,8 @@ from lance_deploy.pipeline.denoise import DenoiseInputs, DenoiseTrace, denoise
 from lance_deploy.pipeline.encode import EncodedMedia, encode_media
 from lance_deploy.pipeline.progress import step_bar
 from lance_deploy.pipeline.sequence import build_generation_sequence, build_understanding_sequence
-from lance_deploy.pipeline.tasks import GENERATION_TASKS, SPECS, VIDEO_TASKS, TaskRequest, latent_grid
+from lance_deploy.pipeline.tasks import (GENERATION_TASKS, SPECS, VIDEO_TASKS, TaskRequest, covers, latent_grid,
+                                         union_spec)
 from lance_deploy.pipeline.understand import UnderstandInputs, understand
 
 LATENT_CHANNELS = 48
@@ -65,30 +66,35 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class LancePipeline:
     """Loads the components of one task and runs requests for it."""
 
-    def __init__(self, components: Components, task: str, device: torch.device, dtype: torch.dtype):
-        self.c, self.task, self.device, self.dtype = components, task, device, dtype
+    def __init__(self, components: Components, tasks: tuple[str, ...], device: torch.device, dtype: torch.dtype):
+        self.c, self.tasks, self.device, self.dtype = components, tasks, device, dtype
+        self.spec = union_spec(tasks)
         self.load_seconds = 0.0
 
     @classmethod
-    def from_path(cls, path, task: str, *, vit=None, vae=None, device=None, dtype=None) -> "LancePipeline":
-        """Discover the release layout under `path` and load what `task` needs."""
-        if task not in SPECS:
-            raise LanceUsageError(f"unknown task {task!r}; expected one of {', '.join(SPECS)}")
+    def from_path(cls, path, task: str | tuple[str, ...], *, vit=None, vae=None, device=None,
+                  dtype=None) -> "LancePipeline":
+        """Discover the release layout under `path` and load what `task` (or every task of a tuple) needs."""
+        tasks = (task,) if isinstance(task, str) else tuple(task)
+        for t in tasks:
+            if t not in SPECS:
+                raise LanceUsageError(f"unknown task {t!r}; expected one of {', '.join(SPECS)}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
-        layout = discover(path, vit=vit, vae=vae, variant="video" if task in VIDEO_TASKS else "image")
-        if task in VIDEO_TASKS and layout.variant != "video":
+        video = any(t in VIDEO_TASKS for t in tasks)
+        layout = discover(path, vit=vit, vae=vae, variant="video" if video else "image")
+        if video and layout.variant != "video":
             raise LanceUsageError(
-                f"{task} needs the Lance_3B_Video checkpoint, but {layout.model_dir} is the image variant (Lance_3B)"
-            )
-        pipe = cls(load_components(layout, SPECS[task], dtype=dt, device=dev), task, dev, dt)
+                f"{', '.join(tasks)} needs the Lance_3B_Video checkpoint, but {layout.model_dir} is the image "
+                "variant (Lance_3B)")
+        pipe = cls(load_components(layout, union_spec(tasks), dtype=dt, device=dev), tasks, dev, dt)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 
     def __call__(self, req: TaskRequest, *, progress: bool = True, trace: bool = False):
-        if req.task != self.task:
-            raise LanceUsageError(f"this pipeline was loaded for {self.task}, not {req.task}")
+        if not covers(self.spec, req.task):
+            raise LanceUsageError(f"this pipeline was loaded for {', '.join(self.tasks)}, not {req.task}")
         req.validate()
         if req.task in GENERATION_TASKS:
             return self._generate(req, progress, trace)

@@ -47,6 +47,21 @@ SPECS = {
 }
 
 
+def union_spec(tasks) -> TaskSpec:
+    """The components that serve every task in `tasks` (one load for several tasks)."""
+    specs = [SPECS[t] for t in tasks]
+    return TaskSpec(gen=any(x.gen for x in specs), lm_head=any(x.lm_head for x in specs),
+                    vit=any(x.vit for x in specs), vae_encoder=any(x.vae_encoder for x in specs),
+                    vae_decoder=any(x.vae_decoder for x in specs), media=None)
+
+
+def covers(loaded: TaskSpec, task: str) -> bool:
+    """Whether components loaded for `loaded` can run `task`."""
+    need = SPECS[task]
+    return all(getattr(loaded, f) or not getattr(need, f) for f in ("gen", "lm_head", "vit", "vae_encoder",
+                                                                      "vae_decoder"))
+
+
 @dataclass
 class TaskRequest:
     """One `run`: inputs and options, with upstream's defaults."""

@@ -1,0 +1,227 @@
+"""`export onnx`: trace the requested parts into an export folder, atomically.
+
+Exporter choice (measured on torch 2.13, see tests/test_export_onnx.py):
+
+* ``torchscript`` (default, ``dynamo=False``): 0.3-0.5 s per layer graph, keeps the declared
+  dynamic axes (n, Lc) dynamic, needs no extra package. It is deprecated upstream, so
+* ``dynamo`` is available too (needs ``onnxscript``): ~10x slower to export and it cannot
+  down-convert to opset 17 (it emits 18), but also keeps the axes dynamic for these wrappers,
+  because they avoid the two things that make it specialise: SDPA's ``enable_gqa`` and masks
+  built from Python ints (anchors §5, pytorch#152018).
+
+The folder is built beside ``--out`` and renamed into place only when every graph exported and
+passed the ONNX checker, so a failed export never leaves a half-written folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import lance_deploy
+from lance_deploy.errors import LanceError, LanceUsageError
+from lance_deploy.export.manifest import (
+    MANIFEST,
+    GraphEntry,
+    Manifest,
+    TensorSpec,
+    export_identity,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+from lance_deploy.export.parts import BUILDERS, GraphJob
+from lance_deploy.export.presets import PARTS, preset_shapes
+from lance_deploy.export.sources import open_source
+
+EXPORTERS = ("torchscript", "dynamo")
+OPSET = 17
+GRAPHS_DIR = "graphs"
+EXTERNAL_THRESHOLD = 1024  # bytes: every weight tensor goes to the .data file, small constants stay inline
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What `export onnx` was asked to do."""
+
+    model: Path
+    parts: tuple[str, ...]
+    preset: str
+    out: Path
+    aspect: str = "1:1"
+    layers: tuple[int, ...] | None = None  # None = every layer
+    vae_tile: tuple[int, int] | None = None  # None = the preset's aspect bucket (capped at 32 cells)
+    exporter: str = "torchscript"
+    force: bool = False
+    vit: Path | None = None
+    vae: Path | None = None
+
+    def identity_fields(self) -> dict:
+        return {"parts": sorted(self.parts), "preset": self.preset, "aspect": self.aspect,
+                "layers": None if self.layers is None else sorted(self.layers), "exporter": self.exporter,
+                "vae_tile": None if self.vae_tile is None else list(self.vae_tile),
+                "opset": OPSET, "dtype": "float32"}
+
+
+def onnx_modules():
+    """(onnx, onnxruntime) or a LanceError with the install hint."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise LanceError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing): "
+                         "pip install onnx onnxruntime-gpu  (or onnxruntime on machines without CUDA)") from None
+    return onnx, onnxruntime
+
+
+def _check_request(req: ExportRequest) -> None:
+    for part in req.parts:
+        if part not in PARTS:
+            raise LanceUsageError(f"--part {part!r} is unknown; choose from {', '.join(PARTS)}")
+    if not req.parts:
+        raise LanceUsageError(f"--part is required; choose from {', '.join(PARTS)}")
+    if req.exporter not in EXPORTERS:
+        raise LanceUsageError(f"--exporter {req.exporter!r} is unknown; choose from {', '.join(EXPORTERS)}")
+    if not req.model.exists():
+        raise LanceUsageError(f"--model {req.model}: no such file or folder")
+
+
+def _check_out(out: Path, identity: str, force: bool) -> None:
+    """Refuse to replace something that is not the same export (unless --force, and never a non-export)."""
+    if out.exists() and not out.is_dir():
+        raise LanceUsageError(f"--out {out} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise LanceUsageError(f"--out {out} is not empty and holds no {MANIFEST}; choose a new or empty folder")
+    try:
+        existing = load_manifest(out)
+        same, what = existing.identity() == identity, _describe(existing.request)
+    except LanceUsageError:
+        same, what = False, "an unreadable manifest"  # counts as "a different export"
+    if not same and not force:
+        raise LanceUsageError(f"--out {out} already holds a different export ({what}); pass --force to replace it")
+
+
+def _describe(request: dict) -> str:
+    return f"{'+'.join(request.get('parts', []))} at {request.get('preset')}, layers {request.get('layers') or 'all'}"
+
+
+def _tensor_specs(values, onnx) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        specs.append(TensorSpec(v.name, str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), shape))
+    return specs
+
+
+def _trace(job: GraphJob, path: Path, exporter: str) -> None:
+    kwargs = {"dynamo": False} if exporter == "torchscript" else {"dynamo": True, "optimize": True}
+    if exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise LanceError("--exporter dynamo needs onnxscript: pip install onnxscript") from None
+    with warnings.catch_warnings(), torch.no_grad():
+        # Tracer / deprecation chatter only; dynamic-shape mistakes are caught by verify instead.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(job.module, job.args, str(path), input_names=job.input_names,
+                          output_names=job.output_names, dynamic_axes=job.dynamic_axes or None,
+                          opset_version=OPSET, do_constant_folding=True, **kwargs)
+
+
+def _pin_static_outputs(model, job: GraphJob) -> None:
+    """Write concrete sizes into output dims the exporter left symbolic but that are not dynamic.
+
+    The TorchScript exporter loses static sizes through some Reshapes (the VAE's unpatchify) and
+    names them like 'Reshapepixels_dim_0'; engines and the manifest need the real numbers.
+    """
+    with torch.no_grad():
+        outs = job.module(*job.args)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    for value, tensor in zip(model.graph.output, outs):
+        declared = job.dynamic_axes.get(value.name, {})
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis not in declared:
+                dim.dim_value = int(tensor.shape[axis])  # setting the value clears dim_param
+
+
+def export_graph(job: GraphJob, root: Path, preset: str, exporter: str) -> GraphEntry:
+    """Trace one job into root/graphs/<name>.onnx (+ .onnx.data) and describe it."""
+    onnx, _ = onnx_modules()
+    graphs = root / GRAPHS_DIR
+    raw_dir = Path(tempfile.mkdtemp(prefix=f".raw-{job.name}-", dir=root))
+    try:
+        _trace(job, raw_dir / "model.onnx", exporter)
+        model = onnx.load(str(raw_dir / "model.onnx"))  # pulls in any external data the exporter wrote
+        _pin_static_outputs(model, job)
+        final, data = graphs / f"{job.name}.onnx", f"{job.name}.onnx.data"
+        onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=EXTERNAL_THRESHOLD)
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+    onnx.checker.check_model(str(final))
+    external = [f"{GRAPHS_DIR}/{data}"] if (graphs / data).is_file() else []
+    rel = f"{GRAPHS_DIR}/{final.name}"
+    return GraphEntry(
+        name=job.name, part=job.part, preset=preset, file=rel, external_data=external,
+        sha256={p: sha256_file(root / p) for p in [rel, *external]},
+        inputs=_tensor_specs(model.graph.input, onnx), outputs=_tensor_specs(model.graph.output, onnx),
+        profiles=job.profiles, meta=dict(job.meta, opset=OPSET),
+    )
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` with two renames (the old folder is removed only afterwards)."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_onnx(req: ExportRequest, log: Callable[[str], None] = lambda s: None) -> Manifest:
+    """Export every requested part of `req.model` at `req.preset` into `req.out`; returns the manifest."""
+    _check_request(req)
+    shapes = preset_shapes(req.preset, req.aspect, req.vae_tile)
+    onnx, _ = onnx_modules()
+    source = open_source(req.model, vit=req.vit, vae=req.vae)
+    source_info = source.fingerprint()
+    identity = export_identity(source_info, req.identity_fields())
+    out = req.out.resolve()
+    _check_out(out, identity, req.force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the export folder should look like any other
+    try:
+        (tmp / GRAPHS_DIR).mkdir()
+        layers = list(req.layers) if req.layers is not None else list(range(source.cfg.num_hidden_layers))
+        entries = []
+        for part in PARTS:  # a fixed order, whatever order --part was given in
+            if part not in req.parts:
+                continue
+            for job in BUILDERS[part](source, shapes, layers):
+                log(f"exporting {job.name}")
+                entries.append(export_graph(job, tmp, req.preset, req.exporter))
+        producer = {"name": "lance-deploy", "version": lance_deploy.__version__, "torch": torch.__version__,
+                    "onnx": onnx.__version__, "exporter": req.exporter}
+        manifest = Manifest(producer=producer, source=source_info, request=req.identity_fields(), parts=entries)
+        write_manifest(tmp, manifest)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,92 @@
+"""Load exactly the modules one exported graph needs, and fingerprint the checkpoint they came from.
+
+Layers are loaded one at a time (a release layer with both experts is ~0.6 GB in float32), so
+exporting all 36 never holds the whole backbone. Export and verify use the same loaders, which
+keeps the PyTorch reference of `verify` identical to what was traced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lance_deploy.checkpoint.layout import ReleaseLayout, discover
+from lance_deploy.checkpoint.loader import load_into
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
+from lance_deploy.config import LLMConfig, VisionConfig
+from lance_deploy.errors import LanceUsageError
+
+HEAD_BYTES = 1 << 20  # fingerprint: size + sha256 of the first MiB (covers a safetensors header)
+
+
+def _file_fingerprint(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+    return {"name": path.name, "size": path.stat().st_size, "head_sha256": head}
+
+
+@dataclass
+class Source:
+    """A Lance checkpoint opened for export: its layout, configs and module loaders."""
+
+    layout: ReleaseLayout
+    cfg: LLMConfig
+    vision: VisionConfig
+
+    def fingerprint(self) -> dict:
+        """Identity of the weights: file names, sizes and head hashes (no full-file hashing)."""
+        files = [self.layout.weights_file]
+        if self.layout.vit_file is not None and not self.layout.has_bundled_vit:
+            files.append(self.layout.vit_file)
+        if self.layout.vae_file is not None:
+            files.append(self.layout.vae_file)
+        return {"model_dir": str(self.layout.model_dir.resolve()), "variant": self.layout.variant,
+                "files": [_file_fingerprint(p) for p in files]}
+
+    def layer(self, index: int, with_gen: bool):
+        """MoT layer `index` in float32 on the CPU (with or without the generation expert)."""
+        from lance_deploy.model.mot import MoTLayer
+
+        if not 0 <= index < self.cfg.num_hidden_layers:
+            raise LanceUsageError(f"--layers {index}: the model has layers 0..{self.cfg.num_hidden_layers - 1}")
+        with torch.device("meta"):
+            layer = MoTLayer(self.cfg, index, with_gen)
+        with SafetensorsReader(self.layout.weights_file) as reader:
+            load_into(layer, reader, dtype=torch.float32, prefix=f"language_model.model.layers.{index}.")
+        return layer.eval()
+
+    def vit(self):
+        """The ViT the model uses (bundled `vit_model.*` wins, as upstream), float32 on the CPU."""
+        from lance_deploy.model.vit import QwenViT
+
+        src = self.layout.require_vit()
+        # Built on the CPU, not on meta: the rotary `inv_freq` buffer is non-persistent, so a
+        # meta build would leave it unset after loading.
+        vit = QwenViT(self.vision)
+        with SafetensorsReader(src.file) as reader:
+            load_into(vit, reader, dtype=torch.float32, prefix=src.prefix)
+        return vit.eval()
+
+    def vae(self, part: str):
+        """The VAE with only `part` ('encoder' or 'decoder') materialised, float32 on the CPU."""
+        from lance_deploy.model.vae import load_vae
+
+        return load_vae(self.layout.require_vae(), dtype=torch.float32, device="cpu", parts=(part,))
+
+
+def _vision_config(layout: ReleaseLayout, cfg: LLMConfig) -> VisionConfig:
+    """The standalone ViT's config.json unless the model bundles its own ViT."""
+    if not layout.has_bundled_vit and layout.vit_dir is not None and (layout.vit_dir / "config.json").is_file():
+        return VisionConfig.from_dict(json.loads((layout.vit_dir / "config.json").read_text()))
+    return cfg.vision
+
+
+def open_source(model: str | Path, vit: str | Path | None = None, vae: str | Path | None = None) -> Source:
+    """Locate and describe a checkpoint; a missing or malformed one is a usage error (exit 2)."""
+    layout = discover(model, vit=vit, vae=vae)
+    cfg = LLMConfig.from_file(layout.config_file)
+    return Source(layout=layout, cfg=cfg, vision=_vision_config(layout, cfg))

@@ -26,6 +26,7 @@ from lance_deploy.checkpoint.layout import MODEL_DIRS, VAE_FILE, VIT_CONFIG, VIT
 from lance_deploy.checkpoint.make_tokenizer import TOKEN_IDS, write_tokenizer
 from lance_deploy.checkpoint.make_vae import vae_shapes, write_vae_pth
 from lance_deploy.checkpoint.names import LATENT_POS_KEY, expected_lance_shapes, expected_vit_shapes
+from lance_deploy.checkpoint.outliers import DEFAULT_FACTOR, OutlierPlan, write_record
 from lance_deploy.checkpoint.safetensors_io import SafetensorsWriter
 from lance_deploy.config import FULL_LLM, TINY_LLM, LLMConfig
 from lance_deploy.errors import LanceError, LanceUsageError
@@ -40,14 +41,15 @@ class MakeSpec:
     vae_enc_dim: int
     vae_dec_dim: int
     metadata: dict[str, str] | None
+    outlier_channels: int  # per norm with --outliers: ~0.4-6 % of hidden, like real Qwen outlier dims
 
 
 SPECS = {
     # The tiny Video table is cut to 7 frames like the golden one (the real one has 31).
     # The golden files carry {"format": "pt"}; the release files carry no __metadata__ - with
     # none, our headers reproduce the release byte sizes exactly (24,740,959,248 B etc.).
-    "tiny": MakeSpec(TINY_LLM, {"image": 64 * 64, "video": 7 * 64 * 64}, 8, 16, {"format": "pt"}),
-    "full": MakeSpec(FULL_LLM, {"image": 64 * 64, "video": 31 * 64 * 64}, 160, 256, None),
+    "tiny": MakeSpec(TINY_LLM, {"image": 64 * 64, "video": 7 * 64 * 64}, 8, 16, {"format": "pt"}, 4),
+    "full": MakeSpec(FULL_LLM, {"image": 64 * 64, "video": 31 * 64 * 64}, 160, 256, None, 8),
 }
 RELEASE_ENTRIES = frozenset(MODEL_DIRS.values()) | {VIT_DIR, VAE_FILE}
 """Top-level names of a release folder; --force only replaces a folder holding nothing else."""
@@ -102,11 +104,14 @@ def _nbytes(shapes: dict[str, tuple[int, ...]], itemsize: int) -> int:
 
 
 def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int, tag: str,
-                       bar: tqdm, metadata: dict[str, str] | None) -> None:
+                       bar: tqdm, metadata: dict[str, str] | None, plan: OutlierPlan | None = None) -> None:
     keys = sorted(shapes)  # same order as safetensors' own save_file
     with SafetensorsWriter(path, [(k, dtype, shapes[k]) for k in keys], metadata=metadata) as w:
         for k in keys:
-            t = init_value(k, shapes[k], seed, tag).to(dtype)
+            t = init_value(k, shapes[k], seed, tag)
+            if plan is not None:  # in float32, before the storage cast; t is ours, so in place
+                t = plan.apply(k, t, inplace=True)
+            t = t.to(dtype)
             w.write(k, t)
             bar.update(t.numel() * t.element_size())
             del t
@@ -140,18 +145,24 @@ def _commit(partial: Path, out: Path) -> None:
 
 def make_checkpoint(out: str | Path, size: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0,
                     force: bool = False, progress: bool | None = None,
-                    log: Callable[[str], None] = lambda s: None) -> Path:
+                    log: Callable[[str], None] = lambda s: None, outliers: bool = False,
+                    outlier_factor: float = DEFAULT_FACTOR) -> Path:
     """Write a random checkpoint in the release layout at ``out``; returns ``out``.
 
     ``size`` is 'tiny' or 'full'; ``dtype`` (float32 or bfloat16) applies to both
     ``model.safetensors`` files, the standalone ViT is BF16 and the VAE F32 as
     released. Built in ``OUT.partial-<pid>`` and renamed into place at the end.
+    ``outliers`` plants function-preserving activation outliers of ``outlier_factor``
+    in both LLM files (``checkpoint.outliers``) and records them in ``outliers.json``
+    beside each ``model.safetensors``.
     """
     if size not in SPECS:
         raise LanceUsageError(f"size must be 'tiny' or 'full', not {size!r}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise LanceUsageError(f"dtype must be float32 or bfloat16, not {dtype}")
     spec, out = SPECS[size], Path(out)
+    plans = {v: OutlierPlan.for_config(spec.cfg, spec.outlier_channels, outlier_factor, seed, v)
+             for v in MODEL_DIRS} if outliers else {}
     _prepare_out(out, force)
     lance = {v: expected_lance_shapes(spec.cfg, v, spec.latent_rows[v]) for v in MODEL_DIRS}
     vit = expected_vit_shapes(spec.cfg.vision)
@@ -179,7 +190,9 @@ def make_checkpoint(out: str | Path, size: str = "tiny", dtype: torch.dtype = to
                 (d / "llm_config.json").write_text(json.dumps(_release_config(spec.cfg), indent=2) + "\n")
                 (d / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2) + "\n")
                 _write_safetensors(d / "model.safetensors", lance[variant], dtype, seed, variant, bar,
-                                   spec.metadata)
+                                   spec.metadata, plans.get(variant))
+                if variant in plans:
+                    write_record(d, plans[variant], lance[variant])
             note(f"{VIT_DIR}/")
             (partial / VIT_DIR).mkdir()
             (partial / VIT_DIR / VIT_CONFIG).write_text(json.dumps(spec.cfg.vision.to_dict(), indent=2) + "\n")

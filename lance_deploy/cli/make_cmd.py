@@ -14,7 +14,14 @@ import click
               help="Storage dtype of the two model.safetensors (the ViT stays BF16, the VAE F32, as released).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--force", is_flag=True, help="Replace OUT if it already holds a checkpoint.")
-def make_cmd(out: str, size: str | None, dtype: str, seed: int, force: bool) -> None:
+@click.option("--outliers", is_flag=True,
+              help="Plant Qwen-style activation outliers (a few hidden channels per norm, 4 tiny / 8 full) "
+                   "without changing what the model computes; recorded in <model>/outliers.json.")
+@click.option("--outlier-factor", type=float, default=None,
+              help="With --outliers: how much larger the planted channels are (default 30). The same function "
+                   "up to float32 rounding; with --dtype bfloat16 the rescaled weights round differently.")
+def make_cmd(out: str, size: str | None, dtype: str, seed: int, force: bool, outliers: bool,
+             outlier_factor: float) -> None:
     """Write a random Lance checkpoint to OUT in the release folder layout.
 
     OUT gets Lance_3B/, Lance_3B_Video/ (with the bundled ViT), Qwen2.5-VL-ViT/
@@ -25,6 +32,7 @@ def make_cmd(out: str, size: str | None, dtype: str, seed: int, force: bool) -> 
     \b
     Examples:
       lance-deploy make-checkpoint --tiny exported/tiny
+      lance-deploy make-checkpoint --tiny --outliers exported/tiny-outliers
       lance-deploy make-checkpoint --full --dtype bfloat16 /data/lance-random
     """
     if size is None:
@@ -37,5 +45,10 @@ def make_cmd(out: str, size: str | None, dtype: str, seed: int, force: bool) -> 
 
     # On a terminal the progress bar names the file being written; elsewhere (logs, CI) one line per file.
     log = (lambda s: None) if sys.stderr.isatty() else (lambda s: click.echo(f"writing {s}", err=True))
-    path = make_checkpoint(out, size=size, dtype=getattr(torch, dtype), seed=seed, force=force, log=log)
+    from lance_deploy.checkpoint.outliers import DEFAULT_FACTOR
+
+    if outlier_factor is not None and not outliers:
+        raise click.UsageError("--outlier-factor needs --outliers")
+    path = make_checkpoint(out, size=size, dtype=getattr(torch, dtype), seed=seed, force=force, log=log,
+                           outliers=outliers, outlier_factor=outlier_factor or DEFAULT_FACTOR)
     click.echo(f"wrote {path}")

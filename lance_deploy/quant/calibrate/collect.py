@@ -1,0 +1,93 @@
+"""Run the reference model on calibration prompts and record its backbone programs.
+
+Edit and understanding calibration need media: the model makes its own, turning t2i (or t2v)
+prompts into images (videos) that then serve as edit sources and understanding inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lance_deploy.pipeline.pipeline import LancePipeline
+from lance_deploy.pipeline.sampler import SamplerConfig
+from lance_deploy.pipeline.tasks import VIDEO_TASKS, TaskRequest
+from lance_deploy.quant.calib_data import load_prompt_set, select
+from lance_deploy.quant.calibrate.record import Program, recording, stratified_steps
+
+TEXT_FIELD = {"t2i": "prompt", "t2v": "prompt", "i2v": "prompt", "image_edit": "instruction",
+              "video_edit": "instruction", "x2t_image": "question", "x2t_video": "question"}
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """What the reference runs look like (sizes small enough to calibrate fast, large enough to be real)."""
+
+    tasks: tuple[str, ...]
+    samples_per_task: int
+    steps: int = 30
+    stratified: int | None = None  # keep this many evenly spaced steps (None = all)
+    cfg_branches: tuple[str, ...] = ("cond", "uncond")
+    height: int = 256
+    width: int = 256
+    frames: int = 9
+    seed: int = 0
+    prompts_root: str = "calibration"
+
+
+class _Media:
+    """Images/videos made by the model itself from t2i/t2v prompts, cached per index."""
+
+    def __init__(self, loader, s: CollectSettings):
+        self.loader, self.s, self.cache = loader, s, {}
+
+    def get(self, kind: str, i: int, progress: bool) -> np.ndarray:
+        key = (kind, i)
+        if key not in self.cache:
+            task = "t2i" if kind == "image" else "t2v"
+            prompts = select(load_prompt_set(task, self.s.prompts_root), self.s.samples_per_task, self.s.seed)
+            req = TaskRequest(task=task, prompt=prompts[i % len(prompts)]["prompt"], height=self.s.height,
+                              width=self.s.width, frames=None if task == "t2i" else self.s.frames,
+                              sampler=SamplerConfig(steps=min(self.s.steps, 10)), seed=self.s.seed + i)
+            out = self.loader(task)(req, progress=progress)
+            self.cache[key] = out.frames[0] if kind == "image" else out.frames
+        return self.cache[key]
+
+
+def _request(task: str, entry: dict, i: int, s: CollectSettings, media: _Media, progress: bool) -> TaskRequest:
+    req = TaskRequest(task=task, seed=s.seed + i, sampler=SamplerConfig(steps=s.steps),
+                      height=s.height, width=s.width, frames=s.frames if task in ("t2v", "i2v") else None,
+                      preset="image_256res" if task not in VIDEO_TASKS else "video_192p", max_new_tokens=16)
+    text = entry[TEXT_FIELD[task]]
+    if task.startswith("x2t"):
+        req.question = text
+    else:
+        req.prompt = text
+    if task in ("i2v", "image_edit", "x2t_image"):
+        req.image = media.get("image", i, progress)
+    elif task in ("video_edit", "x2t_video"):
+        req.video, req.video_fps = media.get("video", i, progress), 12.0
+    return req
+
+
+def collect_programs(model_path, s: CollectSettings, *, device="cpu", dtype="float32", progress=False) -> list[Program]:
+    """Record one program per (task, prompt); returns them in task order."""
+    media_tasks = {"t2i"} if any(t in ("i2v", "image_edit", "x2t_image") for t in s.tasks) else set()
+    media_tasks |= {"t2v"} if any(t in ("video_edit", "x2t_video") for t in s.tasks) else set()
+    pipe = LancePipeline.from_path(model_path, tuple(s.tasks) + tuple(sorted(media_tasks)), device=device,
+                                   dtype=dtype)
+
+    def loader(task: str) -> LancePipeline:
+        return pipe
+
+    media, keep = _Media(loader, s), stratified_steps(s.steps, s.stratified)
+    programs = []
+    for task in s.tasks:
+        for i, entry in enumerate(select(load_prompt_set(task, s.prompts_root), s.samples_per_task, s.seed)):
+            req = _request(task, entry, i, s, media, progress)
+            with recording(pipe.c.lm, task, keep_step=lambda k: k in keep,
+                           keep_cache=lambda c: c == 0 or "uncond" in s.cfg_branches) as program:
+                pipe(req, progress=progress)
+            programs.append(program)
+    return programs

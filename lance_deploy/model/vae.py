@@ -29,8 +29,9 @@ from lance_deploy.model.vae_blocks import (
     StreamCache,
     UpStage,
 )
+from lance_deploy.model.vae_tiling import TilingConfig, tiled_decode, tiled_encode
 
-__all__ = ["WanVAE", "load_vae", "LATENT_MEAN", "LATENT_STD", "StreamCache"]
+__all__ = ["WanVAE", "load_vae", "LATENT_MEAN", "LATENT_STD", "StreamCache", "TilingConfig"]  # noqa: RUF022
 
 Z_DIM = 48
 DIM_MULT = (1, 2, 4, 4)
@@ -216,15 +217,20 @@ class WanVAE(nn.Module):
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def encode(self, video: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, video: Tensor, tiling: TilingConfig | None = None) -> tuple[Tensor, Tensor]:
         """Video [3, T, H, W] in [-1, 1] (T = 4k+1, H and W multiples of 16) ->
-        (latent [t, h, w, 48] normalised, log_var [48, t, h, w] raw), both fp32."""
+        (latent [t, h, w, 48] normalised, log_var [48, t, h, w] raw), both fp32.
+
+        `tiling` (default: auto, see `TilingConfig`) encodes in spatial tiles above a size threshold."""
         self._check_loaded("encoder", self.encoder)
         if video.dim() != 4 or video.shape[0] != 3:
             raise ValueError(f"VAE encode expects [3, T, H, W], got {list(video.shape)}")
         _, t, h, w = video.shape
         if (t - 1) % 4 or h % 16 or w % 16:
             raise ValueError(f"VAE encode needs T = 4k+1 and H, W multiples of 16, got T={t}, {h}x{w}")
+        tiling = TilingConfig() if tiling is None else tiling
+        if tiling.active(h // 16, w // 16):
+            return tiled_encode(self, video, tiling)
         ref = self._weights(self.encoder)
         x = video.to(device=ref.device, dtype=ref.dtype).unsqueeze(0)  # [1, 3, T, H, W]
         mu, log_var = self._encode_frames(x, StreamCache())
@@ -232,11 +238,16 @@ class WanVAE(nn.Module):
         return latent, log_var[0].float()
 
     @torch.no_grad()
-    def decode(self, latent: Tensor) -> Tensor:
-        """Normalised latent [t, h, w, 48] -> video [3, 1+4(t-1), 16h, 16w] clamped to [-1, 1], fp32."""
+    def decode(self, latent: Tensor, tiling: TilingConfig | None = None) -> Tensor:
+        """Normalised latent [t, h, w, 48] -> video [3, 1+4(t-1), 16h, 16w] clamped to [-1, 1], fp32.
+
+        `tiling` (default: auto, see `TilingConfig`) decodes in spatial tiles above a size threshold."""
         self._check_loaded("decoder", self.decoder)
         if latent.dim() != 4 or latent.shape[-1] != self.z_dim:
             raise ValueError(f"VAE decode expects [t, h, w, {self.z_dim}], got {list(latent.shape)}")
+        tiling = TilingConfig() if tiling is None else tiling
+        if tiling.active(latent.shape[1], latent.shape[2]):
+            return tiled_decode(self, latent, tiling)
         ref = self._weights(self.decoder)
         z = latent.to(ref.device).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 48, t, h, w]
         z = self.denormalize(z).to(ref.dtype)

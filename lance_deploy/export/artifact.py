@@ -1,0 +1,339 @@
+"""Write a quantized artifact folder (``exported/<name>/``) atomically, one shard per group.
+
+A group is one expert's layer range (``und-000-011``, ``gen-012-023``; 12 layers by default) or
+``shared`` / ``vit`` / ``vae``: the unit the runtime pages with one positioned read. Each shard is
+streamed with ``SafetensorsWriter``, which needs its entries up front, so a group is either
+declared first (``declare``: tensors go straight to disk as they are added; what the quantizer
+does from its plan) or buffered in memory until ``close_group`` (fine for small groups).
+
+Everything happens in ``<out>.partial/`` (with a marker file); ``seal`` writes ``manifest.json``
+last, copies the config and tokenizer, and renames the folder into place, so a half-written
+artifact never looks valid. ``ArtifactReader`` is re-exported from ``artifact_reader``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lance_deploy import __version__
+from lance_deploy.checkpoint import canonical as cn
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter, dtype_tag
+from lance_deploy.export.artifact_manifest import (
+    MANIFEST_NAME,
+    PRODUCER,
+    ArtifactError,
+    ArtifactManifest,
+    FieldRecord,
+    GroupRecord,
+    TensorRecord,
+    check_relpath,
+)
+from lance_deploy.export.artifact_reader import ArtifactReader, field_bytes
+from lance_deploy.fsutil import atomic_path
+from lance_deploy.quant import formats
+from lance_deploy.quant.formats import TENSOR_FIELDS, FormatSpec, PackedTensor
+
+__all__ = ["COPY_FILES", "ArtifactReader", "ArtifactWriter", "TensorDecl", "group_of"]
+
+PLAIN_FIELD = "tensor"
+FIELD_ORDER = TENSOR_FIELDS + (PLAIN_FIELD,)
+COPY_FILES = ("llm_config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+              "merges.txt", "special_tokens_map.json", "added_tokens.json")
+"""Copied from the source model folder when present (llm_config.json is required)."""
+PARTIAL_MARKER = ".lance-deploy-partial"
+_GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
+def group_of(name: str, layers_per_group: int = 12,
+             num_layers: int | None = None) -> tuple[str, str | None, tuple[int, int] | None]:
+    """(group name, expert, (first, last) layer) of a canonical tensor name."""
+    layer, expert = cn.layer_of(name), cn.expert_of(name)
+    if layer is not None:
+        lo = layer // layers_per_group * layers_per_group
+        hi = lo + layers_per_group - 1 if num_layers is None else min(lo + layers_per_group, num_layers) - 1
+        return f"{expert}-{lo:03d}-{hi:03d}", expert, (lo, hi)
+    for root in ("vit", "vae"):
+        if name.startswith(root + "."):
+            return root, None, None
+    return "shared", None, None  # embeddings, lm_head, final norms, bridges
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """A tensor announced before it is written: (field, dtype tag, shape) per stored field."""
+
+    name: str
+    spec: FormatSpec | None
+    shape: tuple[int, ...]
+    fields: tuple[tuple[str, str, tuple[int, ...]], ...]
+
+    @classmethod
+    def packed(cls, name: str, spec: FormatSpec, shape: tuple[int, int], smooth: bool = False) -> TensorDecl:
+        """From the format's layout table (what a plan entry will produce)."""
+        table = dict(formats.layout(tuple(shape), spec))
+        if smooth:
+            table["smooth"] = ((shape[1],), torch.float32)
+        fields = tuple((f, dtype_tag(table[f][1]), tuple(table[f][0])) for f in FIELD_ORDER if f in table)
+        return cls(name, spec, tuple(shape), fields)
+
+    @classmethod
+    def plain(cls, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorDecl:
+        return cls(name, None, tuple(shape), ((PLAIN_FIELD, dtype_tag(dtype), tuple(shape)),))
+
+    @classmethod
+    def from_plan_entry(cls, entry) -> TensorDecl:
+        """What a ``quant.plan.PlanEntry`` will store: packed (with ``smooth`` if planned) or plain bf16."""
+        if entry.packed:
+            return cls.packed(entry.name, entry.spec(), entry.shape, smooth=entry.smooth)
+        return cls.plain(entry.name, torch.bfloat16, entry.shape)
+
+    @classmethod
+    def of(cls, name: str, value: PackedTensor | torch.Tensor) -> TensorDecl:
+        spec, shape, tensors = _split(name, value)
+        return cls(name, spec, shape, tuple((f, dtype_tag(t.dtype), tuple(t.shape)) for f, t in tensors.items()))
+
+
+def _split(name: str, value: PackedTensor | torch.Tensor) -> tuple[FormatSpec | None, tuple[int, ...], dict]:
+    if isinstance(value, PackedTensor):
+        formats.validate(value, name)
+        t = value.tensors()
+        return value.spec, tuple(value.shape), {f: t[f] for f in FIELD_ORDER if f in t}
+    if isinstance(value, torch.Tensor):
+        return None, tuple(value.shape), {PLAIN_FIELD: value}
+    raise ArtifactError(f"{name}: expected a PackedTensor or a torch.Tensor, got {type(value).__name__}")
+
+
+def _key(name: str, fld: str) -> str:
+    return name if fld == PLAIN_FIELD else f"{name}.{fld}"
+
+
+@dataclass
+class _Shard:
+    group: str
+    expert: str | None
+    layers: tuple[int, int] | None
+    rel: str
+    writer: SafetensorsWriter | None = None  # declared groups stream; None = buffered
+    decls: dict[str, TensorDecl] = field(default_factory=dict)
+    buffer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    meta: dict[str, tuple[FormatSpec | None, tuple[int, ...], tuple[str, ...]]] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+class ArtifactWriter:
+    """Build ``out_dir`` in ``out_dir.partial/``; ``seal`` moves it into place (see module doc)."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool = False, layers_per_group: int = 12,
+                 num_layers: int | None = None):
+        self.out_dir = Path(out_dir)
+        self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
+        self.overwrite, self.layers_per_group, self.num_layers = overwrite, layers_per_group, num_layers
+        _check_replaceable(self.out_dir, overwrite)
+        if self.partial.exists():  # an interrupted run's leftovers: never valid, always rebuilt
+            if not (self.partial / PARTIAL_MARKER).is_file():
+                raise ArtifactError(f"{self.partial}: exists and was not made by lance-deploy; remove it or pick "
+                                    "another --out")
+            shutil.rmtree(self.partial)
+        (self.partial / "weights").mkdir(parents=True)
+        (self.partial / PARTIAL_MARKER).write_text("unsealed artifact; safe to delete\n")
+        self._open: dict[str, _Shard] = {}
+        self._closed: dict[str, GroupRecord] = {}
+        self._records: dict[str, TensorRecord] = {}
+
+    def _shard(self, name: str, group: str | None) -> _Shard:
+        g, expert, layers = group_of(name, self.layers_per_group, self.num_layers)
+        group = group or g
+        if not _GROUP_NAME.fullmatch(group):
+            raise ArtifactError(f"group name {group!r} must be lower-case letters, digits and '-'")
+        if group in self._closed:
+            raise ArtifactError(f"{name}: group {group!r} is already closed (its shard is written)")
+        if group not in self._open:
+            self._open[group] = _Shard(group, expert, layers, f"weights/{group}.safetensors")
+        return self._open[group]
+
+    def declare(self, group: str, decls: Iterable[TensorDecl]) -> None:
+        """Fix a group's tensors (in this order) so ``add`` streams them straight into its shard."""
+        decls = list(decls)
+        if not decls:
+            raise ArtifactError(f"group {group!r}: nothing declared")
+        if group in self._open:
+            raise ArtifactError(f"group {group!r} already has tensors; declare a group before adding to it")
+        shard = self._shard(decls[0].name, group)
+        shard.decls = {d.name: d for d in decls}
+        entries = [(_key(d.name, f), dtype, shape) for d in decls for f, dtype, shape in d.fields]
+        shard.writer = SafetensorsWriter(self.partial / shard.rel, entries)
+
+    def declare_plan(self, entries: Iterable) -> list[str]:
+        """Declare every group of a resolved plan (``QuantPlan.entries``; 'skip' entries are left
+        out): each tensor then streams to disk as it is added, and each group's shard closes
+        itself once complete. Returns the group names."""
+        by_group: dict[str, list[TensorDecl]] = {}
+        for e in entries:
+            if e.format != "skip":
+                group = group_of(e.name, self.layers_per_group, self.num_layers)[0]
+                by_group.setdefault(group, []).append(TensorDecl.from_plan_entry(e))
+        for group, decls in by_group.items():
+            self.declare(group, decls)
+        return list(by_group)
+
+    def add(self, name: str, value: PackedTensor | torch.Tensor, group: str | None = None) -> None:
+        """Store one tensor (canonical ``name``) in its group (default: ``group_of(name)``)."""
+        if name in self._records or any(name in s.meta for s in self._open.values()):
+            raise ArtifactError(f"{name}: added twice")
+        cn.to_release(name)  # refuses non-canonical names early
+        shard = self._shard(name, group)
+        spec, shape, tensors = _split(name, value)
+        got = TensorDecl(name, spec, shape, tuple((f, dtype_tag(t.dtype), tuple(t.shape)) for f, t in tensors.items()))
+        if shard.writer is not None:
+            decl = shard.decls.get(name)
+            if decl is None:
+                raise ArtifactError(f"{name}: not declared for group {shard.group!r}")
+            if got != decl:
+                raise ArtifactError(f"{name}: does not match its declaration (declared {decl}, got {got})")
+            for f, t in tensors.items():
+                shard.writer.write(_key(name, f), t)
+        else:
+            shard.buffer[name] = {f: t.detach().cpu() for f, t in tensors.items()}
+        h = hashlib.sha256()
+        for t in tensors.values():
+            h.update(field_bytes(t))
+        shard.meta[name], shard.hashes[name] = (spec, shape, tuple(tensors)), h.hexdigest()
+        if shard.writer is not None and len(shard.meta) == len(shard.decls):
+            self.close_group(shard.group)
+
+    def close_group(self, group: str) -> GroupRecord:
+        """Finish a group's shard (buffered groups are written now) and record its tensors."""
+        shard = self._open.get(group)
+        if shard is None:
+            raise ArtifactError(f"group {group!r} is not open")
+        if shard.writer is not None:
+            missing = [n for n in shard.decls if n not in shard.meta]
+            if missing:
+                raise ArtifactError(f"group {group!r}: {len(missing)} declared tensors never added "
+                                    f"(first: {missing[0]})")
+            shard.writer.close()
+        else:
+            names = sorted(shard.buffer, key=cn.sort_key)
+            entries = [(_key(n, f), t.dtype, tuple(t.shape)) for n in names for f, t in shard.buffer[n].items()]
+            with SafetensorsWriter(self.partial / shard.rel, entries) as w:
+                for n in names:
+                    for f, t in shard.buffer.pop(n).items():
+                        w.write(_key(n, f), t)
+        del self._open[group]
+        self._closed[group] = self._record(shard)
+        return self._closed[group]
+
+    def _record(self, shard: _Shard) -> GroupRecord:
+        with SafetensorsReader(self.partial / shard.rel) as r:
+            infos = r.infos()
+        for name, (spec, shape, names) in shard.meta.items():
+            flds = {f: FieldRecord(k, infos[k].dtype, infos[k].shape, infos[k].offset, infos[k].nbytes)
+                    for f in names for k in [_key(name, f)]}
+            fmt = spec.name if spec is not None else flds[PLAIN_FIELD].dtype.lower()  # plain: 'bf16', 'f32'
+            self._records[name] = TensorRecord(name, cn.to_release(name), shard.group, shard.rel, fmt,
+                                               None if spec is None else spec.to_dict(), shape, flds,
+                                               shard.hashes[name])
+        start = min(i.offset for i in infos.values())
+        end = max(i.offset + i.nbytes for i in infos.values())
+        return GroupRecord(shard.group, shard.expert, shard.layers, shard.rel, start, end - start)
+
+    def seal(self, *, source: Mapping[str, Any], recipe: Mapping[str, Any],
+             calibration: Mapping[str, Any] | None = None, quality: Mapping[str, Any] | None = None,
+             created: str | None = None,
+             source_dir: str | os.PathLike | None = None,
+             extra_files: Mapping[str, str | os.PathLike] | None = None) -> ArtifactManifest:
+        """Close open groups, copy model files, write manifest.json last, move the folder into place.
+
+        ``created`` defaults to now; a resumable job passes its own start time so a resumed run
+        writes a byte-identical manifest.
+        """
+        for group in list(self._open):
+            self.close_group(group)
+        if not self._records:
+            raise ArtifactError(f"{self.out_dir}: no tensors were added; nothing to seal")
+        files = self._copy_files(source_dir, extra_files or {})
+        tensors = sorted(self._records.values(), key=lambda t: cn.sort_key(t.name))
+        order = list(dict.fromkeys(t.group for t in tensors))
+        manifest = ArtifactManifest(
+            producer={"name": PRODUCER, "version": __version__}, source=dict(source), recipe=dict(recipe),
+            tensors=tensors, groups=[self._closed[g] for g in order], files=files,
+            calibration=dict(calibration or {}), quality=dict(quality or {}),
+            created=created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        with atomic_path(self.partial / MANIFEST_NAME) as tmp:
+            tmp.write_text(manifest.to_json(), encoding="utf-8")
+        (self.partial / PARTIAL_MARKER).unlink()
+        _move_into_place(self.partial, self.out_dir, self.overwrite)
+        return manifest
+
+    def _copy_files(self, source_dir, extra: Mapping[str, str | os.PathLike]) -> dict[str, str]:
+        files: dict[str, str] = {}
+        if source_dir is not None:
+            src = Path(source_dir)
+            if not (src / COPY_FILES[0]).is_file():
+                raise ArtifactError(f"{src}: no {COPY_FILES[0]} to copy into the artifact")
+            for name in COPY_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, self.partial / name)
+                    files[name] = name
+        for rel, path in extra.items():
+            check_relpath(rel, f"extra_files {rel!r}")
+            (self.partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, self.partial / rel)
+            files[rel] = rel
+        return files
+
+    def abort(self) -> None:
+        """Drop the partial folder; nothing appears at ``out_dir``."""
+        for shard in self._open.values():
+            if shard.writer is not None:
+                shard.writer.abort()
+        self._open.clear()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise ArtifactError(f"{out_dir}: already exists; pass --overwrite to replace it")
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise ArtifactError(f"{out_dir}: exists and is not an artifact folder; refusing to replace it")
+    if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise ArtifactError(f"{out_dir}: exists, is not empty and has no {MANIFEST_NAME}; refusing to replace it")
+
+
+def _move_into_place(partial: Path, out_dir: Path, overwrite: bool) -> None:
+    _check_replaceable(out_dir, overwrite)
+    _fsync_dir(partial)
+    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)  # the old artifact stays whole until the new one is in place
+    os.replace(partial, out_dir)
+    _fsync_dir(out_dir.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,168 @@
+"""Open, check and read a sealed artifact folder.
+
+Opening parses ``manifest.json`` strictly and refuses, before any shard is touched, a manifest
+from a newer schema, an unsealed ``*.partial`` folder, and any path that is absolute, holds
+``..`` or resolves (through symlinks) outside the folder. Reads are positioned reads at the
+offsets the manifest records; ``verify`` checks every tensor's sha256 and the shard headers.
+Imports formats and the manifest only, never calibration or algorithm code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
+from lance_deploy.errors import CheckpointError
+from lance_deploy.export.artifact_manifest import (
+    MANIFEST_NAME,
+    ArtifactError,
+    ArtifactManifest,
+    FieldRecord,
+    TensorRecord,
+)
+from lance_deploy.quant import formats
+from lance_deploy.quant.formats import FormatSpec, PackedTensor
+
+_CHUNK = 256 * 1024 * 1024
+
+
+def field_bytes(t: torch.Tensor):
+    """The raw little-endian bytes of a tensor (what the shard stores), as a numpy uint8 view."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _pread(fd: int, offset: int, nbytes: int, path: Path) -> torch.Tensor:
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view, pos = memoryview(buf.numpy()).cast("B"), 0
+    while pos < nbytes:
+        got = os.preadv(fd, [view[pos:pos + min(_CHUNK, nbytes - pos)]], offset + pos)
+        if got <= 0:
+            raise ArtifactError(f"{path}: truncated shard (read stopped at byte {offset + pos})")
+        pos += got
+    return buf
+
+
+class ArtifactReader:
+    """A sealed artifact: ``manifest``, ``verify()``, ``read(name)``, ``read_group(group)``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.name.endswith(".partial"):
+            raise ArtifactError(f"{self.path}: an unsealed (partial) artifact; the run that wrote it did not finish")
+        mpath = self.path / MANIFEST_NAME
+        if not mpath.is_file():
+            raise ArtifactError(f"{self.path}: not a sealed artifact (no {MANIFEST_NAME})")
+        self.manifest = ArtifactManifest.from_json(mpath.read_text(encoding="utf-8"), str(mpath))
+        self._root = self.path.resolve()
+        self._check_paths(mpath)
+        self._tensors = {t.name: t for t in self.manifest.tensors}
+        self._groups = {g.name: g for g in self.manifest.groups}
+        self._fds: dict[str, int] = {}
+
+    def _check_paths(self, mpath: Path) -> None:
+        refs = [(f"tensors[{i}].shard", t.shard) for i, t in enumerate(self.manifest.tensors)]
+        refs += [(f"groups[{i}].shard", g.shard) for i, g in enumerate(self.manifest.groups)]
+        refs += [(f"files.{k}", v) for k, v in self.manifest.files.items()]
+        for where, rel in refs:
+            real = (self._root / rel).resolve()
+            if not real.is_relative_to(self._root):
+                raise ArtifactError(f"{mpath}: {where} {rel!r} resolves outside the artifact folder (symlink)")
+            if not real.is_file():
+                raise ArtifactError(f"{mpath}: {where} {rel!r} does not exist in the artifact")
+
+    def names(self) -> list[str]:
+        """Canonical tensor names, in manifest order."""
+        return list(self._tensors)
+
+    def group_names(self) -> list[str]:
+        return list(self._groups)
+
+    def record(self, name: str) -> TensorRecord:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise ArtifactError(f"{self.path}: no tensor {name!r} in the manifest") from None
+
+    def _fd(self, rel: str) -> int:
+        if rel not in self._fds:
+            self._fds[rel] = os.open(self._root / rel, os.O_RDONLY)
+        return self._fds[rel]
+
+    @staticmethod
+    def _field(f: FieldRecord, raw: torch.Tensor) -> torch.Tensor:
+        dtype = torch_dtype(f.dtype)
+        if raw.storage_offset() % dtype.itemsize:  # safetensors does not align entries; view needs it
+            raw = raw.clone()
+        return raw.view(dtype).reshape(f.shape)
+
+    def _assemble(self, rec: TensorRecord, tensors: dict[str, torch.Tensor], device) -> PackedTensor | torch.Tensor:
+        if rec.spec is None:
+            return tensors["tensor"].to(device)
+        spec = FormatSpec.from_dict(rec.spec)
+        p = PackedTensor.from_tensors(rec.name, {f"{rec.name}.{k}": v for k, v in tensors.items()}, spec, rec.shape)
+        return formats.validate(p, rec.name).to(device)
+
+    def read(self, name: str, device: str | torch.device = "cpu") -> PackedTensor | torch.Tensor:
+        """One tensor: a PackedTensor for packed weights, else the plain tensor."""
+        rec = self.record(name)
+        fd, path = self._fd(rec.shard), self._root / rec.shard
+        tensors = {k: self._field(f, _pread(fd, f.offset, f.nbytes, path)) for k, f in rec.fields.items()}
+        return self._assemble(rec, tensors, device)
+
+    def read_group(self, group: str, device: str | torch.device = "cpu") -> dict[str, PackedTensor | torch.Tensor]:
+        """Every tensor of a group from ONE positioned read of its shard's data span."""
+        g = self._groups.get(group)
+        if g is None:
+            raise ArtifactError(f"{self.path}: no group {group!r}; groups: {', '.join(self._groups)}")
+        blob = _pread(self._fd(g.shard), g.data_offset, g.nbytes, self._root / g.shard)
+        out = {}
+        for rec in (t for t in self.manifest.tensors if t.group == group):
+            tensors = {k: self._field(f, blob[f.offset - g.data_offset:][:f.nbytes])
+                       for k, f in rec.fields.items()}
+            out[rec.name] = self._assemble(rec, tensors, device)
+        return out
+
+    def verify(self) -> None:
+        """Check each shard's header against the manifest and every tensor's sha256.
+
+        Raises ArtifactError naming the shard and the tensor that fails."""
+        headers: dict[str, dict] = {}
+        for rec in self.manifest.tensors:
+            path = self._root / rec.shard
+            if rec.shard not in headers:
+                try:
+                    with SafetensorsReader(path) as r:
+                        headers[rec.shard] = r.infos()
+                except CheckpointError as e:
+                    raise ArtifactError(f"{rec.shard}: unreadable shard ({e})") from None
+            h = hashlib.sha256()
+            for f in rec.fields.values():
+                info = headers[rec.shard].get(f.key)
+                header = None if info is None else (info.dtype, info.shape, info.offset, info.nbytes)
+                if header != (f.dtype, f.shape, f.offset, f.nbytes):
+                    raise ArtifactError(f"{rec.shard}: tensor {rec.name}: shard header entry {f.key!r} does not match "
+                                        "the manifest (the shard was replaced or edited)")
+                h.update(_pread(self._fd(rec.shard), f.offset, f.nbytes, path).numpy())
+            if h.hexdigest() != rec.sha256:
+                raise ArtifactError(f"{rec.shard}: tensor {rec.name} fails its sha256 check (manifest "
+                                    f"{rec.sha256[:16]}..., file {h.hexdigest()[:16]}...); the shard is corrupt "
+                                    "or was modified")
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> ArtifactReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()

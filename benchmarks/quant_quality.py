@@ -29,6 +29,7 @@ from lance_deploy.pipeline.tasks import TaskRequest
 from lance_deploy.quant.apply import LinearJob
 from lance_deploy.quant.calib_data import load_prompt_set, select
 from lance_deploy.quant.calibrate.collect import CollectSettings, collect_programs
+from lance_deploy.quant.calibrate.record import stratified_steps
 from lance_deploy.quant.calibrate.replay import INPUT_GROUPS, gen_name
 from lance_deploy.quant.formats import FormatSpec
 from lance_deploy.quant.layerwise import quantize_layers
@@ -78,7 +79,7 @@ def _final_latents(pipe, lm, prompts, steps: int, size: int) -> list[torch.Tenso
 
 def evaluate_model(ckpt: Path, args) -> dict:
     settings = CollectSettings(tasks=("t2i",), samples_per_task=args.calib_samples, steps=args.steps,
-                               stratified=args.calib_steps, height=args.size, width=args.size)
+                               keep_steps=tuple(sorted(stratified_steps(args.steps, args.calib_steps))), height=args.size, width=args.size)
     programs = collect_programs(ckpt / "Lance_3B", settings)
     pipe = LancePipeline.from_path(ckpt / "Lance_3B", "t2i", device="cpu", dtype="float32")
     ref_lm = pipe.c.lm

@@ -50,8 +50,12 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # [N, half]
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        w = self.mlp[0].weight
-        return self.mlp(feats.to(w.dtype))
+        return self.mlp(feats.to(self.time_dtype))
+
+    @property
+    def time_dtype(self) -> torch.dtype:
+        """Compute dtype: the model's (the first Linear may be a packed QLinear with no `.weight`)."""
+        return self.mlp[2].bias.dtype
 
 
 def _sincos(dim: int, pos: torch.Tensor) -> torch.Tensor:

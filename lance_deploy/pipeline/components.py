@@ -30,7 +30,8 @@ class Components:
     lm: LanceLM
     vit: object | None  # QwenViT
     vae: object | None  # WanVAE
-    layout: ReleaseLayout
+    layout: ReleaseLayout | None  # None for a quantized artifact
+    variant: str = "image"
 
 
 def load_lm(layout: ReleaseLayout, cfg: LLMConfig, spec: TaskSpec, dtype, device) -> LanceLM:
@@ -72,7 +73,28 @@ def load_components(layout: ReleaseLayout, spec: TaskSpec, *, dtype: torch.dtype
     lm = load_lm(layout, cfg, spec, dtype, device)
     vit = load_vit(layout, _vision_config(layout, cfg), dtype, device) if spec.vit else None
     vae = load_vae_parts(layout, spec, dtype, device) if (spec.vae_encoder or spec.vae_decoder) else None
-    return Components(cfg=cfg, tokenizer=tokenizer, lm=lm, vit=vit, vae=vae, layout=layout)
+    return Components(cfg=cfg, tokenizer=tokenizer, lm=lm, vit=vit, vae=vae, layout=layout, variant=layout.variant)
+
+
+def load_artifact_components(path, spec: TaskSpec, *, dtype: torch.dtype, device, verify: bool = True) -> Components:
+    """The same components from a quantized artifact folder (checksums verified first)."""
+    from pathlib import Path
+
+    from lance_deploy.export.artifact_reader import ArtifactReader
+    from lance_deploy.runtime.artifact_load import load_artifact_lm, load_artifact_vae, load_artifact_vit
+
+    path = Path(path)
+    reader = ArtifactReader(path)
+    if verify:
+        reader.verify()
+    cfg = LLMConfig.from_file(path / "llm_config.json")
+    tokenizer = LanceTokenizer.from_dir(path)
+    lm = load_artifact_lm(reader, cfg, with_gen=spec.gen, with_lm_head=spec.lm_head, dtype=dtype, device=device)
+    vit = load_artifact_vit(reader, cfg, dtype, device) if spec.vit else None
+    parts = tuple(p for p, used in (("encoder", spec.vae_encoder), ("decoder", spec.vae_decoder)) if used)
+    vae = load_artifact_vae(reader, parts, dtype, device) if parts else None
+    variant = reader.manifest.source.get("variant", "image")
+    return Components(cfg=cfg, tokenizer=tokenizer, lm=lm, vit=vit, vae=vae, layout=None, variant=variant)
 
 
 def _vision_config(layout: ReleaseLayout, cfg: LLMConfig) -> VisionConfig:

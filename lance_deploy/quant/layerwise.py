@@ -33,6 +33,24 @@ def _stats_factory(layer: MoTLayer, jobs: dict[str, LinearJob], stats: dict, res
     return make
 
 
+def quantize_one_layer(
+    layer: MoTLayer, jobs: dict[str, LinearJob], cfg: LLMConfig, programs: list[Program],
+    hidden: list[list[torch.Tensor]], device: torch.device, reservoir: int = 512,
+) -> tuple[LayerResult, list[list[torch.Tensor]]]:
+    """Calibrate and quantize `layer` in place; returns its packed Linears and quantized outputs."""
+    stats: dict = {}
+    if any(j.algorithm in CALIBRATED for j in jobs.values()):
+        handles = observe(layer, _stats_factory(layer, jobs, stats, reservoir))
+        try:
+            run_layer(layer, cfg, programs, hidden, device)
+        finally:
+            for h in handles:
+                h.remove()
+    result = quantize_layer(layer, jobs, stats)
+    install(layer, result)
+    return result, (run_layer(layer, cfg, programs, hidden, device) if programs else hidden)
+
+
 def quantize_layers(
     cfg: LLMConfig,
     programs: list[Program],
@@ -40,28 +58,11 @@ def quantize_layers(
     jobs_for: Callable[[int], dict[str, LinearJob]],
     device: torch.device,
     *,
-    start: int = 0,
-    hidden: list[list[torch.Tensor]] | None = None,
     reservoir: int = 512,
 ) -> Iterator[tuple[int, LayerResult, list[list[torch.Tensor]]]]:
-    """Yield (layer index, its packed Linears, the layer's quantized outputs) from `start` on.
-
-    `hidden` is the input of layer `start` for every recorded call (default: the recorded
-    layer-0 inputs); resuming passes the outputs saved after layer `start - 1`.
-    """
-    if hidden is None:
-        hidden = [[c.x for c in p.calls] for p in programs]
-    for index in range(start, cfg.num_hidden_layers):
-        layer, jobs = layer_at(index), jobs_for(index)
-        stats: dict = {}
-        if any(j.algorithm in CALIBRATED for j in jobs.values()):
-            handles = observe(layer, _stats_factory(layer, jobs, stats, reservoir))
-            try:
-                run_layer(layer, cfg, programs, hidden, device)
-            finally:
-                for h in handles:
-                    h.remove()
-        result = quantize_layer(layer, jobs, stats)
-        install(layer, result)
-        hidden = run_layer(layer, cfg, programs, hidden, device)
+    """Yield (layer index, its packed Linears, the layer's quantized outputs) for every layer."""
+    hidden = [[c.x for c in p.calls] for p in programs]
+    for index in range(cfg.num_hidden_layers):
+        result, hidden = quantize_one_layer(layer_at(index), jobs_for(index), cfg, programs, hidden, device,
+                                            reservoir)
         yield index, result, hidden

@@ -14,7 +14,7 @@ from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import VIDEO_TASKS, TaskRequest
 from lance_deploy.quant.calib_data import load_prompt_set, select
-from lance_deploy.quant.calibrate.record import Program, recording, stratified_steps
+from lance_deploy.quant.calibrate.record import Program, recording
 
 TEXT_FIELD = {"t2i": "prompt", "t2v": "prompt", "i2v": "prompt", "image_edit": "instruction",
               "video_edit": "instruction", "x2t_image": "question", "x2t_video": "question"}
@@ -27,7 +27,7 @@ class CollectSettings:
     tasks: tuple[str, ...]
     samples_per_task: int
     steps: int = 30
-    stratified: int | None = None  # keep this many evenly spaced steps (None = all)
+    keep_steps: tuple[int, ...] | None = None  # denoising steps whose queries are recorded (None = all)
     cfg_branches: tuple[str, ...] = ("cond", "uncond")
     height: int = 256
     width: int = 256
@@ -81,7 +81,8 @@ def collect_programs(model_path, s: CollectSettings, *, device="cpu", dtype="flo
     def loader(task: str) -> LancePipeline:
         return pipe
 
-    media, keep = _Media(loader, s), stratified_steps(s.steps, s.stratified)
+    media = _Media(loader, s)
+    keep = set(range(s.steps)) if s.keep_steps is None else set(s.keep_steps)
     programs = []
     for task in s.tasks:
         for i, entry in enumerate(select(load_prompt_set(task, s.prompts_root), s.samples_per_task, s.seed)):

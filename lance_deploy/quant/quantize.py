@@ -1,0 +1,212 @@
+"""`quantize`: release checkpoint + recipe -> a sealed, resumable quantized artifact.
+
+The source is streamed: shared tensors (embeddings, heads, bridges, ViT, VAE) tensor by tensor,
+the decoder one layer at a time (only that layer's fp32 weights are live, plus the calibration
+programs' hidden states). Each finished layer is saved in the job folder under a fingerprint of
+source, recipe and calibration, so an interrupted run resumes where it stopped and produces the
+same bytes; the artifact is assembled in `<out>.partial/` and renamed when sealed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lance_deploy import __version__
+from lance_deploy.checkpoint import canonical as cn
+from lance_deploy.checkpoint.layout import discover
+from lance_deploy.checkpoint.loader import load_into, load_vae_state_dict
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
+from lance_deploy.export.artifact import ArtifactWriter
+from lance_deploy.jobs import JobFingerprint, JobState, source_fingerprint
+from lance_deploy.model.mot import MoTLayer
+from lance_deploy.quant.apply import LinearJob
+from lance_deploy.quant.formats import PackedTensor
+from lance_deploy.quant.layerwise import quantize_one_layer
+from lance_deploy.quant.plan import QuantPlan, resolve_plan
+from lance_deploy.quant.recipe import Recipe
+
+LAYER_PREFIX = "language_model.model.layers.{}."
+
+
+@dataclass
+class QuantizeResult:
+    out_dir: Path
+    plan: QuantPlan
+    seconds: float
+    resumed_layers: int
+    calibration: dict
+
+
+def _module_path(canonical: str) -> str:
+    """'blk.3.gen.ffn_up' -> 'mlp_moe_gen.up_proj' (the module inside the layer)."""
+    release = cn.to_release(canonical)
+    return release.split(".", 4)[4].rsplit(".", 1)[0]
+
+
+def _jobs(plan: QuantPlan, layer: int) -> dict[str, LinearJob]:
+    jobs = {}
+    for e in plan.entries:
+        if e.packed and cn.layer_of(e.name) == layer and cn.is_linear_weight(e.name):
+            algo = "rtn" if e.algorithm in ("none", None) else e.algorithm
+            jobs[_module_path(e.name)] = LinearJob(_module_path(e.name), e.spec(), algo, dict(e.params))
+    return jobs
+
+
+def _shared_source(layout):
+    """Canonical name -> a reader of that tensor in the source files (not in the decoder layers)."""
+    lance = SafetensorsReader(layout.weights_file)
+    vit = lance if layout.has_bundled_vit else (SafetensorsReader(layout.vit_file) if layout.vit_file else None)
+    vae = load_vae_state_dict(layout.vae_file) if layout.vae_file else None
+
+    def read(name: str) -> torch.Tensor:
+        if name.startswith("vae."):
+            return vae[name[4:]].clone()
+        if name.startswith("vit.") and not layout.has_bundled_vit:
+            return vit.read(name[4:])
+        return lance.read(cn.to_release(name))
+
+    return read, lance
+
+
+def _store(entry, value: torch.Tensor):
+    """A tensor as the plan stores it: packed (RTN for shared 2-D weights) or plain bf16."""
+    from lance_deploy.quant.algorithms import rtn
+
+    if entry.packed:
+        return rtn(value.float(), None, entry.spec())
+    return value.to(torch.bfloat16)
+
+
+def _layer_tensors(plan: QuantPlan, index: int, layer: MoTLayer, result) -> dict:
+    """Every tensor of decoder layer `index` as it goes into the artifact."""
+    out = {}
+    for e in plan.entries:
+        if cn.layer_of(e.name) != index or e.format == "skip":
+            continue
+        path = _module_path(e.name)
+        if cn.is_linear_weight(e.name) and path in result.packed:
+            out[e.name] = result.packed[path]
+            continue
+        attr = cn.to_release(e.name).rsplit(".", 1)[1]  # 'weight' or 'bias'
+        value = result.norms.get(path) if attr == "weight" else None
+        if value is None:
+            value = getattr(layer.get_submodule(path), attr).detach()  # a QLinear keeps its bias as a buffer
+        out[e.name] = _store(e, value)
+    return out
+
+
+def _flatten(tensors: dict) -> dict[str, torch.Tensor]:
+    flat = {}
+    for name, v in tensors.items():
+        flat.update(v.to_tensors(name) if isinstance(v, PackedTensor) else {name: v.contiguous()})
+    return flat
+
+
+def _unflatten(plan: QuantPlan, index: int, flat: dict[str, torch.Tensor]) -> dict:
+    out = {}
+    for e in plan.entries:
+        if cn.layer_of(e.name) != index or e.format == "skip":
+            continue
+        out[e.name] = (PackedTensor.from_tensors(e.name, flat, e.spec(), tuple(e.shape)) if e.packed
+                       else flat[e.name])
+    return out
+
+
+def _load_layer(reader: SafetensorsReader, cfg, index: int, device) -> MoTLayer:
+    with torch.device("meta"):
+        layer = MoTLayer(cfg, index, with_gen=True)
+    load_into(layer, reader, dtype=torch.float32, device=device, prefix=LAYER_PREFIX.format(index))
+    return layer.eval()
+
+
+def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, vae=None, device="cpu",
+             restart: bool = False, overwrite: bool = False, progress: bool = True, programs=None) -> QuantizeResult:
+    """Quantize the checkpoint at `model_path` with `recipe` into the artifact folder `out_dir`."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    layout = discover(model_path, vit=vit, vae=vae)
+    cfg = layout.config()
+    plan = resolve_plan(cn.layout_shapes(layout), recipe)
+    calib = recipe.calibration.to_dict() if (recipe.calibration and recipe.needs_calibration) else None
+    job = JobState(Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".job"))
+    source = source_fingerprint(layout)
+    fingerprint = JobFingerprint.of(source.to_dict(), recipe.to_dict(), calib, __version__)
+    job.start(fingerprint, {"device": str(device)}, restart=restart)
+    device = torch.device(device)
+    if calib is not None and programs is None:
+        programs = _calibration_programs(layout, recipe, job, device, progress)
+    programs = programs or []
+    hidden = [[c.x for c in p.calls] for p in programs]
+    read, lance = _shared_source(layout)
+    writer = ArtifactWriter(out_dir, overwrite=overwrite, num_layers=cfg.num_hidden_layers)
+    writer.declare_plan(plan.entries)
+    resumed = 0
+    with tqdm(total=cfg.num_hidden_layers, desc="quantize layers", unit="layer", disable=not progress) as bar:
+        for e in plan.entries:
+            if cn.layer_of(e.name) is None and e.format != "skip":
+                writer.add(e.name, _store(e, read(e.name)))
+        for index in range(cfg.num_hidden_layers):
+            step = f"layer-{index:03d}"
+            if job.is_done(step):
+                flat, _ = job.load_step(step)
+                hidden = _restore_hidden(flat, programs, hidden)
+                resumed += 1
+            else:
+                layer = _load_layer(lance, cfg, index, device)
+                result, hidden = quantize_one_layer(layer, _jobs(plan, index), cfg, programs, hidden, device)
+                flat = _flatten(_layer_tensors(plan, index, layer, result)) | _hidden_tensors(hidden)
+                job.save_step(step, flat)
+                job.done(step)
+            for name, value in _unflatten(plan, index, flat).items():
+                writer.add(name, value)
+            bar.update(1)
+    summary = _calibration_summary(programs, recipe)
+    writer.seal(source=source.to_dict(),
+                recipe=recipe.to_dict(), calibration=summary, source_dir=layout.model_dir, created=job.created)
+    return QuantizeResult(out_dir, plan, time.perf_counter() - start, resumed, summary)
+
+
+def _hidden_tensors(hidden) -> dict[str, torch.Tensor]:
+    return {f"hidden.{p}.{c}": h.contiguous() for p, calls in enumerate(hidden) for c, h in enumerate(calls)}
+
+
+def _restore_hidden(flat, programs, hidden):
+    if not programs:
+        return hidden
+    return [[flat[f"hidden.{p}.{c}"] for c in range(len(prog.calls))] for p, prog in enumerate(programs)]
+
+
+def _calibration_summary(programs, recipe: Recipe) -> dict:
+    if not programs:
+        return {"calibrated": False}
+    by_task: dict[str, int] = {}
+    for p in programs:
+        by_task[p.task] = by_task.get(p.task, 0) + 1
+    steps = sorted({c.step for p in programs for c in p.calls if c.step is not None})
+    return {"calibrated": True, "samples_per_task": by_task, "tokens": sum(p.tokens for p in programs),
+            "steps_observed": steps, "cfg_branches": sorted({c.cache for p in programs for c in p.calls})}
+
+
+def _calibration_programs(layout, recipe: Recipe, job: JobState, device, progress: bool):
+    from lance_deploy.quant.calibrate.collect import CollectSettings, collect_programs
+    from lance_deploy.quant.calibrate.store import load_programs, save_programs
+
+    if job.is_done("calibration"):
+        return load_programs(*job.load_step("calibration"))
+    c = recipe.calibration
+    tasks = tuple(t for t in c.tasks if layout.variant == "video" or t not in ("t2v", "i2v", "video_edit",
+                                                                                "x2t_video"))
+    settings = CollectSettings(tasks=tasks, samples_per_task=c.samples_per_task, steps=c.steps,
+                               keep_steps=tuple(c.step_indices()), cfg_branches=tuple(c.cfg_branches),
+                               height=c.height, width=c.width, frames=c.frames, seed=c.seed,
+                               prompts_root=c.prompts_dir)
+    programs = collect_programs(layout.model_dir, settings, device=device, dtype="float32", progress=progress)
+    job.save_step("calibration", *save_programs(programs))
+    job.done("calibration")
+    return programs

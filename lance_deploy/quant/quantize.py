@@ -130,16 +130,12 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    layout = discover(model_path, vit=vit, vae=vae)
+    work_dir = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".job")
+    layout, (job, source) = _open_job(model_path, recipe, work_dir, vit, vae, device, restart)
     cfg = layout.config()
     plan = resolve_plan(cn.layout_shapes(layout), recipe)
-    calib = recipe.calibration.to_dict() if (recipe.calibration and recipe.needs_calibration) else None
-    job = JobState(Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".job"))
-    source = source_fingerprint(layout)
-    fingerprint = JobFingerprint.of(source.to_dict(), recipe.to_dict(), calib, __version__)
-    job.start(fingerprint, {"device": str(device)}, restart=restart)
     device = torch.device(device)
-    if calib is not None and programs is None:
+    if recipe.needs_calibration and programs is None:
         programs = _calibration_programs(layout, recipe, job, device, progress)
     programs = programs or []
     hidden = [[c.x for c in p.calls] for p in programs]
@@ -170,6 +166,25 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     writer.seal(source=source.to_dict(),
                 recipe=recipe.to_dict(), calibration=summary, source_dir=layout.model_dir, created=job.created)
     return QuantizeResult(out_dir, plan, time.perf_counter() - start, resumed, summary)
+
+
+def _open_job(model_path, recipe: Recipe, work_dir: Path, vit, vae, device, restart: bool):
+    """Discover the source and open (or resume) the job folder under the run's fingerprint."""
+    layout = discover(model_path, vit=vit, vae=vae)
+    calib = recipe.calibration.to_dict() if (recipe.calibration and recipe.needs_calibration) else None
+    source = source_fingerprint(layout)
+    fingerprint = JobFingerprint.of(source.to_dict(), recipe.to_dict(), calib, __version__)
+    job = JobState(work_dir)
+    job.start(fingerprint, {"device": str(device)}, restart=restart)
+    return layout, (job, source)
+
+
+def calibrate(model_path, recipe: Recipe, work_dir, *, device="cpu", restart=False, progress=True) -> dict:
+    """Record the calibration programs into `work_dir`; a later `quantize(..., work_dir=...)` reuses them."""
+    layout, (job, _) = _open_job(model_path, recipe, Path(work_dir), None, None, device, restart)
+    if not recipe.needs_calibration:
+        return {"calibrated": False, "reason": f"recipe {recipe.name} uses no calibrated algorithm"}
+    return _calibration_summary(_calibration_programs(layout, recipe, job, torch.device(device), progress), recipe)
 
 
 def _hidden_tensors(hidden) -> dict[str, torch.Tensor]:

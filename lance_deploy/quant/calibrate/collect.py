@@ -83,12 +83,17 @@ def collect_programs(model_path, s: CollectSettings, *, device="cpu", dtype="flo
 
     media = _Media(loader, s)
     keep = set(range(s.steps)) if s.keep_steps is None else set(s.keep_steps)
+    from tqdm import tqdm
+
     programs = []
-    for task in s.tasks:
-        for i, entry in enumerate(select(load_prompt_set(task, s.prompts_root), s.samples_per_task, s.seed)):
-            req = _request(task, entry, i, s, media, progress)
-            with recording(pipe.c.lm, task, keep_step=lambda k: k in keep,
-                           keep_cache=lambda c: c == 0 or "uncond" in s.cfg_branches) as program:
-                pipe(req, progress=progress)
-            programs.append(program)
+    with tqdm(total=len(s.tasks) * s.samples_per_task, desc="calibration runs", unit="run",
+              disable=not progress) as bar:
+        for task in s.tasks:
+            for i, entry in enumerate(select(load_prompt_set(task, s.prompts_root), s.samples_per_task, s.seed)):
+                req = _request(task, entry, i, s, media, progress=False)
+                with recording(pipe.c.lm, task, keep_step=lambda k: k in keep,
+                               keep_cache=lambda c: c == 0 or "uncond" in s.cfg_branches) as program:
+                    pipe(req, progress=False)
+                programs.append(program)
+                bar.update(1)
     return programs

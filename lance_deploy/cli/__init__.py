@@ -6,6 +6,7 @@ runtime errors, 2 for usage errors); `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -43,6 +44,8 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    # fewer fragmentation OOMs on long videos; only the CLI sets process-wide state
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cli.main(prog_name="lance-deploy", standalone_mode=True)
 
 

@@ -1,7 +1,7 @@
-"""Memory planning and residency for running Lance under a GPU byte budget.
+"""Running Lance under a GPU byte budget: memory planning (and, beside it, artifact loading).
 
-Modules (all pure accounting; nothing here reads tensor data, imports calibration or
-algorithm code, or touches a GPU):
+Planning modules (pure accounting: they read headers and configs only, never tensor data, import
+no calibration or algorithm code, and touch no GPU):
 
 - ``weights``       bytes per component and per expert layer, from safetensors / .pth headers
                     at the load dtype (or from any list of per-tensor byte counts, e.g. a
@@ -14,5 +14,10 @@ algorithm code, or touches a GPU):
                     and tiled.
 - ``phases``        the phases of each task and what each needs besides weights.
 - ``planner``       the residency plan (resident / streamed expert layers per phase) that fits a
-                    budget with the least streaming, or a refusal with a concrete suggestion.
+                    budget with the least streaming.
+- ``advice``        when nothing fits: the concrete way out (recipe, tiling, size, budget).
+- ``memory_plan``   one request end to end (`ModelInfo` from headers, `make_plan` -> `MemoryPlan`);
+                    the `lance-deploy memory-plan` command lives in ``cli/plan_memory.py``.
+
+``artifact_load`` (loading a quantized artifact into the release modules) lives here too.
 """

@@ -1,0 +1,196 @@
+"""One memory plan end to end: model facts (headers + configs) + a request -> `MemoryPlan`.
+
+`ModelInfo.load` reads the safetensors headers, the VAE pickle index (mmap, no data), the configs
+and the tokenizer; `make_plan` builds the workload, the phase demands, the weight inventory and
+the residency plan, and when nothing fits searches for the concrete way out (a recipe, tiling,
+fewer frames / a smaller size, or the minimum budget) and puts it in `suggestion`.
+
+Predicted peaks, bf16 release, reference sizes, default 256-token caption, CFG 4, VAE tiling auto
+(GiB; all-resident peak phase, then the plan at 16 / 12 / 8 GiB):
+
+| task              | all resident: weights + KV + act. (+VAE) = peak | 16 GiB   | 12 GiB             | 8 GiB                        |
+|-------------------|--------------------------------------------------|----------|--------------------|------------------------------|
+| t2i 768²          | denoise 10.35 + 0.01 + 0.19 = 10.63              | resident | resident           | und 21/36 streamed per step  |
+| image_edit 768²   | denoise 10.35 + 0.22 + 0.19 = 10.85              | resident | resident           | und 22/36 (prefill: gen 22)  |
+| t2v 480x848x121   | denoise 10.35 + 0.01 + 4.04 = 14.87              | resident | und 23/36          | und 36 + gen 16              |
+| video_edit 480p69 | denoise 10.35 + 3.10 + 2.34 = 16.33              | und 5/36 | und 33/36          | und 36 + gen 27              |
+| x2t_image 768²    | text_decode 5.75 + 0.03 + 0.15 = 6.01            | resident | resident           | resident                     |
+| x2t_video 480p69  | prefill 5.17 + 0.56 + 1.14 = 7.17                | resident | resident           | resident                     |
+
+(totals include carried tensors and the allocator allowance; with `--recipe int8` t2v peaks at
+9.75 GiB all resident and image tasks at 5.5-5.7 GiB.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from lance_deploy.checkpoint.layout import ReleaseLayout, discover
+from lance_deploy.config import LLMConfig, VisionConfig
+from lance_deploy.errors import LanceUsageError
+from lance_deploy.pipeline.tasks import SPECS, TASKS, VIDEO_TASKS, union_spec
+from lance_deploy.pipeline.tokenizer import LanceTokenizer
+from lance_deploy.runtime.memory_model import LLMShape, ViTShape
+from lance_deploy.runtime.phases import ModelDims, RunOptions, phase_demands
+from lance_deploy.runtime.planner import GiB, Plan, plan
+from lance_deploy.runtime.weights import (
+    EXPERTS,
+    RECIPES,
+    TensorEntry,
+    WeightInventory,
+    apply_recipe,
+    dtype_bytes,
+    inventory,
+    release_entries,
+)
+from lance_deploy.runtime.workload import Workload, build_workload
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: a task, its size, the budget and the run options."""
+
+    task: str
+    budget: int
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    cfg: float = 4.0
+    steps: int = 30
+    dtype: torch.dtype = torch.bfloat16
+    recipe: str | None = None  # hypothetical: expert Linear weights packed (fp8 / int8 / int4)
+    tiling: bool | None = None  # VAE tiling; None = auto as the pipeline
+    flash: bool = True
+    caption_tokens: int = 256
+    question_tokens: int = 64
+    max_new_tokens: int = 256
+    preset: str | None = None
+
+
+@dataclass
+class ModelInfo:
+    """Everything the planner reads from a release, once: no tensor data."""
+
+    layout: ReleaseLayout
+    cfg: LLMConfig
+    vision: VisionConfig
+    tokenizer: LanceTokenizer
+    _entries: dict = field(default_factory=dict)
+    _inventories: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path, task: str, vit=None, vae=None) -> ModelInfo:
+        """Discover the layout exactly as `LancePipeline.from_path` does for `task`."""
+        if task not in TASKS:
+            raise LanceUsageError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        layout = discover(path, vit=vit, vae=vae, variant="video" if task in VIDEO_TASKS else "image")
+        cfg = LLMConfig.from_file(layout.config_file)
+        vision = cfg.vision
+        vit_config = layout.vit_dir / "config.json" if layout.vit_dir else None
+        if vit_config is not None and vit_config.is_file():  # the standalone config wins, as in components.py
+            vision = VisionConfig.from_dict(json.loads(vit_config.read_text()))
+        return cls(layout, cfg, vision, LanceTokenizer.from_dir(layout.tokenizer_dir))
+
+    def entries(self, dtype: torch.dtype) -> list[TensorEntry]:
+        """Every tensor any task could load, at `dtype` (cached per dtype)."""
+        if dtype not in self._entries:
+            everything = union_spec(TASKS)
+            self._entries[dtype] = release_entries(self.layout, dtype, replace(
+                everything, vit=self.layout.has_bundled_vit or self.layout.vit_file is not None,
+                vae_encoder=self.layout.vae_file is not None, vae_decoder=self.layout.vae_file is not None))
+        return self._entries[dtype]
+
+    def inventory(self, task: str, dtype: torch.dtype, recipe: str | None = None) -> WeightInventory:
+        spec = SPECS[task]
+        if spec.vit:
+            self.layout.require_vit()  # the same error as the loader when it is missing
+        if spec.vae_encoder or spec.vae_decoder:
+            self.layout.require_vae()
+        key = (task, dtype, recipe)
+        if key not in self._inventories:
+            label = recipe or str(dtype).removeprefix("torch.")
+            self._inventories[key] = inventory(apply_recipe(self.entries(dtype), recipe), spec, label)
+        return self._inventories[key]
+
+    def dims(self, dtype: torch.dtype) -> ModelDims:
+        enc, dec = _vae_dims(self.entries(dtype))
+        return ModelDims(LLMShape.of(self.cfg), ViTShape.of(self.vision), enc, dec)
+
+
+def _vae_dims(entries: list[TensorEntry]) -> tuple[int, int]:
+    """(enc_dim, dec_dim) from the VAE's first convs (release defaults 160 / 256 when absent)."""
+    shapes = {e.name: e.shape for e in entries if e.component.startswith("vae")}
+    enc = shapes.get("encoder.conv1.weight", (160,))[0]
+    dec = shapes.get("decoder.conv1.weight", (1024,))[0] // 4
+    return int(enc), int(dec)
+
+
+@dataclass
+class MemoryPlan:
+    """The planner's answer for one request (what `memory-plan` prints)."""
+
+    request: PlanRequest
+    workload: Workload
+    inventory: WeightInventory
+    plan: Plan
+    suggestion: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.plan.fits
+
+    def to_dict(self) -> dict:
+        r, w, p = self.request, self.workload, self.plan
+        return {
+            "task": r.task, "fits": p.fits, "budget_bytes": r.budget, "min_budget_bytes": p.min_budget,
+            "peak_bytes": p.peak.total, "peak_phase": p.peak.name, "dtype": str(r.dtype).removeprefix("torch."),
+            "recipe": r.recipe, "cfg": r.cfg, "tiling": r.tiling, "flash_attention": r.flash,
+            "workload": {"target_grid": w.target_grid, "target_tokens": w.target_tokens,
+                         "context_tokens": w.context_tokens, "uncond_context_tokens": w.uncond_context_tokens,
+                         "vit_grid": w.vit_grid, "vit_tokens": w.vit_tokens, "encode_pixels": w.encode_pixels,
+                         "forwards": w.forwards, "max_new_tokens": w.max_new_tokens},
+            "weights": dict(self.inventory.components), "layer_bytes": {e: self.inventory.layer_bytes(e) for e in EXPERTS},
+            "marker_tokens": p.marker_mode(),
+            "phases": [{"name": x.name, "weights": x.weights, "stream_buffers": x.buffers, "kv": x.kv,
+                        "activations": x.activations, "vae": x.vae, "carried": x.carried, "overhead": x.overhead,
+                        "total": x.total, "fits": x.total <= r.budget, "resident": x.resident,
+                        "streamed_layers": x.streamed, "streamed_bytes": x.streamed_bytes,
+                        "transfer_s": round(x.transfer_s, 3), "plan": x.describe()} for x in p.phases],
+            "suggestion": self.suggestion, "notes": self.notes + list(w.notes),
+        }
+
+
+def _plan_once(info: ModelInfo, r: PlanRequest) -> tuple[Workload, WeightInventory, Plan]:
+    work = build_workload(info.tokenizer, r.task, r.height, r.width, r.frames, cfg_scale=r.cfg, steps=r.steps,
+                          preset=r.preset, caption_tokens=r.caption_tokens, question_tokens=r.question_tokens,
+                          max_new_tokens=r.max_new_tokens)
+    b = dtype_bytes(r.dtype)
+    opts = RunOptions(b=b, flash=r.flash and r.dtype in (torch.bfloat16, torch.float16), tiling=r.tiling)
+    inv = info.inventory(r.task, r.dtype, r.recipe)
+    # a quantized Linear may dequantize its weight per call: one [11008, 2048] scratch at the compute dtype
+    extra = b * info.cfg.intermediate_size * info.cfg.hidden_size if r.recipe else 0
+    return work, inv, plan(phase_demands(work, info.dims(r.dtype), opts), inv, r.budget, extra)
+
+
+def make_plan(info: ModelInfo, r: PlanRequest) -> MemoryPlan:
+    """Plan `r`; when nothing fits, `suggestion` says what would."""
+    work, inv, p = _plan_once(info, r)
+    out = MemoryPlan(r, work, inv, p)
+    if not r.flash or r.dtype == torch.float32:
+        out.notes.append("attention without flash kernels: SDPA's math path is quadratic in the query length")
+    if not p.fits:
+        from lance_deploy.runtime.advice import suggest
+
+        out.suggestion = suggest(info, r, p, inv, lambda req: _plan_once(info, req)[2])
+    return out
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
+
+
+__all__ = ["RECIPES", "MemoryPlan", "ModelInfo", "PlanRequest", "fmt_bytes", "make_plan"]

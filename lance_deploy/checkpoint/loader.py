@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lance_deploy.checkpoint.names import key_mismatches
+from lance_deploy.checkpoint.pages import drop_file_pages
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.errors import CheckpointError
 
@@ -52,6 +53,8 @@ def _fetch(source: Source, key: str, dtype: torch.dtype | None, device: torch.de
         # Same dtype on CPU: .to() returned the mmap-backed tensor itself; copy so the
         # module does not keep the checkpoint file mapped.
         t = t.clone()
+    if isinstance(source, FileStateDict):
+        drop_file_pages(src)  # the copy is made; the mapped pages need not stay resident
     return t
 
 

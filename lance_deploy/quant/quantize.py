@@ -19,6 +19,7 @@ from lance_deploy import __version__
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.checkpoint.layout import discover
 from lance_deploy.checkpoint.loader import load_into, load_vae_state_dict
+from lance_deploy.checkpoint.pages import drop_file_pages
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.export.artifact import ArtifactWriter
 from lance_deploy.jobs import JobFingerprint, JobState, source_fingerprint
@@ -64,7 +65,10 @@ def _shared_source(layout):
 
     def read(name: str) -> torch.Tensor:
         if name.startswith("vae."):
-            return vae[name[4:]].clone()
+            mapped = vae[name[4:]]
+            value = mapped.clone()
+            drop_file_pages(mapped)
+            return value
         if name.startswith("vit.") and not layout.has_bundled_vit:
             return vit.read(name[4:])
         return lance.read(cn.to_release(name))

@@ -48,16 +48,22 @@ Examples:
 @click.option("--init-noise", type=click.Path(path_type=Path), help="Safetensors file with tensor 'noise' [N, 48].")
 @click.option("--save-latents", type=click.Path(path_type=Path), help="Write final_latent_<i> per VAE block here.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="x2t decode budget.")
+@click.option("--backend", type=click.Choice(("torch", "onnxruntime", "tensorrt")), default="torch", show_default=True,
+              help="Where the denoising query and the VAE decode run (generation tasks); prefill stays in torch.")
+@click.option("--graphs", type=click.Path(path_type=Path),
+              help="Export folder for --backend onnxruntime/tensorrt (onnxruntime default: export into a cache).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, **opts):
+def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, backend, graphs, **opts):
     """Run TASK (t2i, t2v, i2v, image_edit, video_edit, x2t_image, x2t_video)."""
     from lance_deploy.cli.run_request import build_request, write_outputs
     from lance_deploy.pipeline.pipeline import LancePipeline
 
     start = time.perf_counter()
     req = build_request(task, opts)
-    pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"], dtype=opts["dtype"])
+    engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
+    pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"], dtype=opts["dtype"],
+                                   backend=engine)
     result = pipe(req, progress=not quiet and not as_json)
     summary = write_outputs(task, result, out, save_latents)
     summary["timings"]["wall_s"] = round(time.perf_counter() - start, 3)
@@ -72,3 +78,17 @@ def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, *
         click.echo(f"wrote {summary['output']}")
     click.echo(f"wall time {summary['timings']['wall_s']:.2f} s", err=True)
 
+
+def _backend(task, name, graphs, model_path, vit, vae, quiet):
+    """The `--backend` object (None for torch), built before any weights load so its errors come first."""
+    if name == "torch" and graphs is None:
+        return None
+    from lance_deploy.errors import LanceUsageError
+    from lance_deploy.export.backend import make_backend
+    from lance_deploy.pipeline.tasks import VIDEO_TASKS
+
+    if task.startswith("x2t") and name != "torch":
+        raise LanceUsageError(f"--backend {name} covers the generation tasks; run {task} with --backend torch")
+    variant = "video" if task in VIDEO_TASKS else "image"
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    return make_backend(name, model_path, graphs, vit=vit, vae=vae, variant=variant, log=log)

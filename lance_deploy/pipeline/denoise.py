@@ -81,9 +81,14 @@ def _prefill(model: LanceLM, seq, inp: DenoiseInputs, splits, keep) -> "object":
 
 @torch.no_grad()
 def denoise(
-    model: LanceLM, inp: DenoiseInputs, sampler: SamplerConfig, progress=None, trace: DenoiseTrace | None = None
+    model: LanceLM, inp: DenoiseInputs, sampler: SamplerConfig, progress=None, trace: DenoiseTrace | None = None,
+    query_fn=None,
 ) -> torch.Tensor:
-    """Run the sampler; returns the final latents [n_vae, 48] (condition rows unchanged)."""
+    """Run the sampler; returns the final latents [n_vae, 48] (condition rows unchanged).
+
+    `query_fn(query, pos, cache)`, if given, replaces the step query's `forward_chunk` (e.g. the
+    exported gen-layer graphs of `--backend onnxruntime`); the prefill always runs in PyTorch.
+    """
     splits = _splits(inp)
     target = next(i for i, s in enumerate(splits) if s[2] == "noise")
     t_start, t_end, _ = splits[target]
@@ -107,6 +112,9 @@ def denoise(
     marker_ids = inp.token_ids[[t_start, t_end - 1]]
     markers = model.embed_tokens(marker_ids)
     gen_rows = torch.arange(1, n_query - 1, device=device)
+    if query_fn is None:
+        def query_fn(q, pos, kv):
+            return model.forward_chunk(q, pos, kv, causal=False, gen_rows=gen_rows, update_cache=False)
     cond_pos = inp.rope_pos[:, t_start:t_end]
     if use_cfg:
         lu = uncond_cache.length
@@ -117,14 +125,13 @@ def denoise(
         tt = torch.where(update, torch.tensor(t, device=device), torch.zeros((), device=device))
         lat = model.embed_latents(x, tt, inp.vae_grids)[in_query]
         query = torch.cat([markers[:1], lat, markers[1:]])
-        h = model.forward_chunk(query, cond_pos, cache, causal=False, gen_rows=gen_rows, update_cache=False)
+        h = query_fn(query, cond_pos, cache)
         v = model.velocity(h[1:-1])
         if trace is not None:
             trace.x.append(x.clone())
             trace.v_cond.append(v.clone())
         if use_cfg and sampler.cfg_active(t):
-            hu = model.forward_chunk(query, uncond_pos, uncond_cache, causal=False, gen_rows=gen_rows,
-                                     update_cache=False)
+            hu = query_fn(query, uncond_pos, uncond_cache)
             vu = model.velocity(hu[1:-1])
             v = guide(v, vu, sampler.cfg_scale, sampler.renorm_min)
             if trace is not None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 
 from lance_deploy.checkpoint.layout import discover
 from lance_deploy.errors import LanceUsageError
-from lance_deploy.pipeline.components import Components, load_components
+from lance_deploy.pipeline.components import Components, load_artifact_components, load_components
+from lance_deploy.runtime.artifact_load import is_artifact
 from lance_deploy.pipeline.denoise import DenoiseInputs, DenoiseTrace, denoise
 from lance_deploy.pipeline.encode import EncodedMedia, encode_media
 from lance_deploy.pipeline.progress import step_bar
@@ -44,7 +46,9 @@ class UnderstandingOutput:
     notes: list = field(default_factory=list)
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -66,15 +70,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class LancePipeline:
     """Loads the components of one task and runs requests for it."""
 
-    def __init__(self, components: Components, tasks: tuple[str, ...], device: torch.device, dtype: torch.dtype):
+    def __init__(self, components: Components, tasks: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+                 backend=None):
         self.c, self.tasks, self.device, self.dtype = components, tasks, device, dtype
+        # None = PyTorch; else an `export.backend` object whose `query_fn(lm)` / `decode(vae, latent)`
+        # replace the denoising query and the VAE decode (ONNX Runtime / TensorRT graphs).
+        self.backend = backend
         self.spec = union_spec(tasks)
         self.load_seconds = 0.0
 
     @classmethod
     def from_path(cls, path, task: str | tuple[str, ...], *, vit=None, vae=None, device=None,
-                  dtype=None) -> "LancePipeline":
-        """Discover the release layout under `path` and load what `task` (or every task of a tuple) needs."""
+                  dtype=None, backend=None) -> "LancePipeline":
+        """Discover the release layout under `path` and load what `task` (or every task of a tuple) needs.
+
+        `backend`: None / "torch", "onnxruntime" (graphs exported into a cache on first use) or
+        a backend object from `lance_deploy.export.backend.make_backend`.
+        """
         tasks = (task,) if isinstance(task, str) else tuple(task)
         for t in tasks:
             if t not in SPECS:
@@ -83,12 +95,21 @@ class LancePipeline:
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
         video = any(t in VIDEO_TASKS for t in tasks)
-        layout = discover(path, vit=vit, vae=vae, variant="video" if video else "image")
-        if video and layout.variant != "video":
+        if is_artifact(path):
+            components = load_artifact_components(path, union_spec(tasks), dtype=dt, device=dev)
+            model_dir = Path(path)
+        else:
+            layout = discover(path, vit=vit, vae=vae, variant="video" if video else None)
+            components = load_components(layout, union_spec(tasks), dtype=dt, device=dev)
+            model_dir = layout.model_dir
+        if video and components.variant != "video":
             raise LanceUsageError(
-                f"{', '.join(tasks)} needs the Lance_3B_Video checkpoint, but {layout.model_dir} is the image "
-                "variant (Lance_3B)")
-        pipe = cls(load_components(layout, union_spec(tasks), dtype=dt, device=dev), tasks, dev, dt)
+                f"{', '.join(tasks)} needs the video model (Lance_3B_Video), but {path} holds the image model")
+        if isinstance(backend, str):
+            from lance_deploy.export.backend import make_backend
+
+            backend = make_backend(backend, model_dir, vit=vit, vae=vae)
+        pipe = cls(components, tasks, dev, dt, backend)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 
@@ -120,17 +141,19 @@ class LancePipeline:
             vae_grids=[b.grid for b in seq.vae_blocks], latents=latents,
             vit_indexes=seq.vit_indexes, vit_tokens=media.vit_tokens,
         )
+        query_fn = None if self.backend is None else self.backend.query_fn(self.c.lm)  # may export graphs first
         t1 = time.perf_counter()
         rec = DenoiseTrace() if trace else None
         with step_bar(req.sampler.steps, f"{req.task} denoise", progress) as tick:
-            x = denoise(self.c.lm, inp, req.sampler, progress=tick, trace=rec)
+            x = denoise(self.c.lm, inp, req.sampler, progress=tick, trace=rec, query_fn=query_fn)
         timings["denoise_s"] = time.perf_counter() - t1
         timings["s_per_step"] = timings["denoise_s"] / req.sampler.steps
         blocks = _split_blocks(x, [b.grid for b in seq.vae_blocks])
         t2 = time.perf_counter()
         from lance_deploy.media.io import to_uint8
 
-        pixels = self.c.vae.decode(blocks[-1].to(self.device, self.dtype))
+        latent = blocks[-1].to(self.device, self.dtype)
+        pixels = self.c.vae.decode(latent) if self.backend is None else self.backend.decode(self.c.vae, latent)
         frames = to_uint8(pixels.float().cpu())
         timings["vae_decode_s"] = time.perf_counter() - t2
         return GenerationOutput(frames=frames, latents=[b.cpu() for b in blocks], timings=timings,

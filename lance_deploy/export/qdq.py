@@ -1,0 +1,341 @@
+"""Quantized Linears (`QLinear`) as ONNX QuantizeLinear / DequantizeLinear, weights stored quantized.
+
+TensorRT's strongly typed builds take every precision from the graph, so a quantized model must
+reach ONNX as Q/DQ nodes around plain MatMuls, with the weights kept as int8 / float8 / int4
+initializers (not fp32 copies). The TorchScript exporter has no lowering for our packed formats
+(and `fake_quantize_*` would store the fp32 weight), so the export goes in three steps:
+
+1. `qdq_swapped` replaces every QLinear by a `QDQExportLinear` for the trace. Its forward is one
+   autograd Function: run eagerly it calls the QLinear itself (the traced example and the
+   shapes stay exact); its ONNX symbolic emits a single placeholder node
+   ``lance_qdq::QLinear(x)`` that only names the QLinear (attributes ``qid`` and the rank of x).
+2. The opset-17 trace is converted to opset 21 with onnx's version converter (DequantizeLinear
+   ``block_size`` and INT4/UINT4 need 21, float8 needs 19); it passes the placeholders through.
+3. `expand_placeholders` replaces each placeholder by standard nodes built from the QLinear's
+   packed buffers (`qlinear_subgraph`). Weights are stored transposed,
+   [in, out], so each DequantizeLinear feeds its MatMul directly (the pattern TensorRT fuses).
+
+| format        | weight subgraph                                                          |
+|---------------|--------------------------------------------------------------------------|
+| int8          | DQ(INT8 [in,out], scale [out], axis=1)                                    |
+| fp8_e4m3      | DQ(FLOAT8E4M3FN [in,out], scale [out], axis=1)                            |
+| int4 asym     | DQ(UINT4 [in,out], scale [in/g,out], UINT4 zero point, axis=0, block_size=g) |
+| int4 sym      | DQ(INT4 [in,out] = code - 8, scale [in/g,out], axis=0, block_size=g)     |
+| nf4           | DQ(UINT4 indices, 1) -> Cast int64 -> Gather(16-entry code table) x absmax |
+| bf16          | Cast(BFLOAT16 [in,out]) to float                                          |
+
+W8A8 (``activations="dynamic_per_token"``) adds the dynamic per-token activation quantization
+of `formats.int8/fp8.quantize_activations` in front of the MatMul: absmax over the row,
+scale = max(absmax / QMAX, 1e-12), QuantizeLinear(x, scale, axis=0) to int8 / float8, then
+DequantizeLinear with the same scale. ONNX's DynamicQuantizeLinear is uint8 asymmetric per
+tensor, which is not our math. Known limit: TensorRT wants build-time-constant Q scales, so it
+may refuse the per-token Q of a W8A8 graph; weight-only graphs are plain DQ -> MatMul.
+
+The expansion assumes float32 activations, as every graph `export onnx` writes. onnxruntime must
+run these graphs with `ort_runtime.session_options()` (its QDQ fusions change the numerics).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lance_deploy.quant.qlinear import QLinear
+
+if TYPE_CHECKING:
+    from lance_deploy.export.manifest import GraphEntry
+    from lance_deploy.export.parts import GraphJob
+
+DOMAIN = "lance_qdq"
+QDQ_OPSET = 21
+QDQ_IR_VERSION = 10  # the IR version that introduced opset 21 (and INT4/UINT4)
+
+
+class _Ref:
+    """Carries the QLinear into the Function as a plain Python argument (the symbolic reads it too)."""
+
+    __slots__ = ("q",)
+
+    def __init__(self, q: QLinear):
+        self.q = q
+
+
+class _QLinearOp(torch.autograd.Function):
+    """Eager: the QLinear's own forward. ONNX: one ``lance_qdq::QLinear`` placeholder node."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ref: _Ref, qid: int) -> Tensor:
+        return ref.q.forward(x)  # not __call__: no tracer scope for a module outside the trace
+
+    @staticmethod
+    def symbolic(g, x, ref: _Ref, qid: int):
+        from torch.onnx import symbolic_helper
+
+        sizes = symbolic_helper._get_tensor_sizes(x)
+        # rank 0 = unknown: the expansion then flattens to 2-D wherever it needs rows
+        out = g.op(f"{DOMAIN}::QLinear", x, qid_i=qid, rank_i=0 if sizes is None else len(sizes))
+        if sizes is not None:  # downstream reshapes of the trace need the output shape
+            out.setType(x.type().with_sizes(sizes[:-1] + [ref.q.out_features]))
+        return out
+
+
+class QDQExportLinear(nn.Module):
+    """Stands in for a QLinear while tracing; `qid` indexes the registry of `qdq_swapped`.
+
+    The QLinear is held through `_Ref`, not as a submodule: its buffers must not become graph
+    initializers of their own (the expansion writes the ONNX-layout copies), and the tracer
+    cannot look up a submodule that is called from inside an autograd Function.
+    """
+
+    def __init__(self, q: QLinear, qid: int):
+        super().__init__()
+        self.ref, self.qid = _Ref(q), qid
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _QLinearOp.apply(x, self.ref, self.qid)
+
+
+def quantized_linears(module: nn.Module) -> dict[str, QLinear]:
+    """Module path -> QLinear for every QLinear inside `module`."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, QLinear)}
+
+
+@contextmanager
+def qdq_swapped(module: nn.Module):
+    """Swap every QLinear in `module` for a `QDQExportLinear` (restored on exit).
+
+    Yields the registry [(path, QLinear)] indexed by qid. The swap is in place and shares the
+    buffers (no copies), so even a full-size layer is swapped for free.
+    """
+    registry, swaps = [], []
+    for path, q in quantized_linears(module).items():
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        parent._modules[name] = QDQExportLinear(q, len(registry))
+        registry.append((path, q))
+        swaps.append((parent, name, q))
+    try:
+        yield registry
+    finally:
+        for parent, name, q in swaps:
+            parent._modules[name] = q
+
+
+def formats_of(registry) -> dict[str, str]:
+    """Module path -> format label (for the manifest's meta)."""
+    return {path: q.spec.label for path, q in registry}
+
+
+def upgrade_opset(model):
+    """The opset-17 trace -> opset 21 (placeholders pass through), IR version 10."""
+    import onnx
+    from onnx import version_converter
+
+    model = version_converter.convert_version(model, QDQ_OPSET)
+    model.ir_version = QDQ_IR_VERSION
+    # The converter does not know our domain; keep its import until the placeholders are gone.
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return model
+
+
+def expand_placeholders(model, registry) -> None:
+    """Replace every ``lance_qdq::QLinear`` node by standard Q/DQ nodes, in place."""
+    nodes = []
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        path, q = registry[attrs["qid"]]
+        new_nodes, inits = qlinear_subgraph(q, path, node.input[0], node.output[0], attrs["rank"])
+        nodes += new_nodes
+        model.graph.initializer.extend(inits)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)  # each expansion sits where its placeholder was: still sorted
+    keep = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def quantized_bytes(registry) -> int:
+    """Bytes of the packed weights (qdata, scale, zero point, smooth) plus biases."""
+    total = 0
+    for _, q in registry:
+        total += q.packed.nbytes + (0 if q.bias is None else q.bias.numel() * 4)
+    return total
+
+
+def export_qdq_graph(job: GraphJob, root: Path, preset: str) -> GraphEntry:
+    """Like `onnx_export.export_graph`, for a job whose module holds QLinears.
+
+    Writes root/graphs/<name>.onnx (+ .onnx.data) at opset 21 with Q/DQ nodes and quantized
+    initializers; the entry's meta records the opset and each Linear's format.
+    """
+    import shutil
+    import tempfile
+    import warnings
+
+    import onnx
+
+    from lance_deploy.export.manifest import GraphEntry, sha256_file
+    from lance_deploy.export.onnx_export import (EXTERNAL_THRESHOLD, GRAPHS_DIR, OPSET, _pin_static_outputs,
+                                                 _tensor_specs)
+
+    graphs = root / GRAPHS_DIR
+    graphs.mkdir(parents=True, exist_ok=True)
+    raw_dir = Path(tempfile.mkdtemp(prefix=f".raw-{job.name}-", dir=root))
+    try:
+        with qdq_swapped(job.module) as registry:
+            if not registry:
+                raise ValueError(f"graph {job.name}: no QLinear to export as Q/DQ (use export_graph)")
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # tracer chatter; numerics are checked by the tests
+                torch.onnx.export(job.module, job.args, str(raw_dir / "model.onnx"), input_names=job.input_names,
+                                  output_names=job.output_names, dynamic_axes=job.dynamic_axes or None,
+                                  opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                                  custom_opsets={DOMAIN: 1})
+            model = upgrade_opset(onnx.load(str(raw_dir / "model.onnx")))
+            expand_placeholders(model, registry)
+            _pin_static_outputs(model, job)
+            formats = formats_of(registry)
+        final, data = graphs / f"{job.name}.onnx", f"{job.name}.onnx.data"
+        onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=EXTERNAL_THRESHOLD)
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+    onnx.checker.check_model(str(final))
+    external = [f"{GRAPHS_DIR}/{data}"] if (graphs / data).is_file() else []
+    rel = f"{GRAPHS_DIR}/{final.name}"
+    return GraphEntry(
+        name=job.name, part=job.part, preset=preset, file=rel, external_data=external,
+        sha256={p: sha256_file(root / p) for p in [rel, *external]},
+        inputs=_tensor_specs(model.graph.input, onnx), outputs=_tensor_specs(model.graph.output, onnx),
+        profiles=job.profiles, meta=dict(job.meta, opset=QDQ_OPSET, quantized=formats),
+    )
+
+
+# ---------------------------------------------------------------------- node builders
+
+
+class _Builder:
+    """Nodes and initializers of one expansion; every name is prefixed by the Linear's path."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes, self.inits = prefix, [], []
+
+    def raw(self, name: str, data_type: int, dims, data: bytes) -> str:
+        from onnx import TensorProto
+
+        t = TensorProto(name=f"{self.prefix}.{name}", data_type=data_type, dims=list(dims), raw_data=data)
+        self.inits.append(t)
+        return t.name
+
+    def tensor(self, name: str, data_type: int, t: Tensor) -> str:
+        """A torch tensor's bytes as an initializer of ONNX type `data_type` (same element size)."""
+        t = t.detach().cpu().contiguous()
+        return self.raw(name, data_type, t.shape, t.view(torch.uint8).numpy().tobytes())
+
+    def array(self, name: str, a) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a), f"{self.prefix}.{name}"))
+        return self.inits[-1].name
+
+    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
+        from onnx import helper
+
+        name = f"{self.prefix}/{op_type}_{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, inputs, [f"{name}_out"], name=name, **attrs))
+        return self.nodes[-1].output[0]
+
+
+def _pack4(codes: Tensor) -> bytes:
+    """4-bit values (uint 0..15 or int -8..7), row-major -> ONNX INT4/UINT4 raw data.
+
+    ONNX packs two elements per byte, the first in the low nibble (the same order as our int4
+    `pack_nibbles`); an odd count is padded with a zero nibble.
+    """
+    flat = (codes.to(torch.int16).flatten() & 0xF).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] | (flat[1::2] << 4)).numpy().tobytes()
+
+
+def _weight(b: _Builder, q: QLinear) -> str:
+    """The float [in, out] weight, as DequantizeLinear (or the nf4 lookup) of the stored codes."""
+    from onnx import TensorProto as TP
+
+    from lance_deploy.quant.formats.int4 import SYM_ZERO, unpack_nibbles
+    from lance_deploy.quant.formats.nf4 import code_table
+
+    p, name = q.packed, q.spec.name
+    if name in ("int8", "fp8_e4m3"):
+        w = b.tensor("weight_q", TP.INT8 if name == "int8" else TP.FLOAT8E4M3FN, p.qdata.t())
+        return b.op("DequantizeLinear", [w, b.array("weight_scale", p.scale.float().reshape(-1).numpy())], axis=1)
+    if name == "bf16":
+        return b.op("Cast", [b.tensor("weight", TP.BFLOAT16, p.qdata.t())], to=TP.FLOAT)
+    inn, out, g = q.in_features, q.out_features, p.spec.group_size
+    scale = p.scale.float().t().contiguous()  # [in/g, out]: blocks run along the input axis
+    if name == "int4":
+        codes = unpack_nibbles(p.qdata).t()  # [in, out]
+        if p.zero_point is None:  # symmetric: implicit zero point 8 -> signed INT4, no zero point
+            w = b.raw("weight_q", TP.INT4, (inn, out), _pack4(codes.to(torch.int16) - SYM_ZERO))
+            inputs = [w, b.array("weight_scale", scale.numpy())]
+        else:
+            w = b.raw("weight_q", TP.UINT4, (inn, out), _pack4(codes))
+            zp = b.raw("weight_zero_point", TP.UINT4, (inn // g, out), _pack4(p.zero_point.t()))
+            inputs = [w, b.array("weight_scale", scale.numpy()), zp]
+        return b.op("DequantizeLinear", inputs, axis=0, block_size=g)
+    # nf4: HIGH nibble = even column (bitsandbytes order); look the indices up in the code table.
+    idx = torch.stack([p.qdata >> 4, p.qdata & 0xF], dim=-1).reshape(out, inn).t()
+    one = b.array("one", np.array(1.0, np.float32))
+    fidx = b.op("DequantizeLinear", [b.raw("weight_idx", TP.UINT4, (inn, out), _pack4(idx)), one])
+    values = b.op("Gather", [b.array("code", code_table().numpy()), b.op("Cast", [fidx], to=TP.INT64)])
+    blocks = b.op("Reshape", [values, b.array("block_shape", np.array([inn // g, g, out], np.int64))])
+    scaled = b.op("Mul", [blocks, b.array("absmax", scale.reshape(inn // g, 1, out).numpy())])
+    return b.op("Reshape", [scaled, b.array("weight_shape", np.array([inn, out], np.int64))])
+
+
+def _quantize_activations(b: _Builder, x: str, q: QLinear) -> str:
+    """Per-token symmetric Q -> DQ of 2-D x [n, in], as `formats.{int8,fp8}.quantize_activations`."""
+    from onnx import TensorProto as TP
+
+    from lance_deploy.quant.formats import fp8, int8
+
+    qmax, to = (int8.QMAX, TP.INT8) if q.spec.name == "int8" else (fp8.FP8_MAX, TP.FLOAT8E4M3FN)
+    absmax = b.op("ReduceMax", [b.op("Abs", [x]), b.array("axes", np.array([-1], np.int64))], keepdims=1)
+    scale = b.op("Max", [b.op("Div", [absmax, b.array("qmax", np.array(qmax, np.float32))]),
+                         b.array("tiny", np.array(1e-12, np.float32))])  # same floor as the reference
+    scale = b.op("Reshape", [scale, b.array("flat", np.array([-1], np.int64))])  # [n]: one per row (axis 0)
+    # QuantizeLinear rounds half to even and saturates, like torch.round / the fp8 cast after clamp.
+    xq = b.op("QuantizeLinear", [x, scale], axis=0, output_dtype=to)
+    return b.op("DequantizeLinear", [xq, scale], axis=0)
+
+
+def qlinear_subgraph(q: QLinear, path: str, x: str, y: str, rank: int):
+    """(nodes, initializers) computing y = QLinear(x) with standard ONNX ops (opset 21)."""
+    b = _Builder(path)
+    if q.smooth is not None:  # AWQ / SmoothQuant runtime divisor, applied before any quantization
+        x = b.op("Div", [x, b.array("smooth", q.smooth.float().numpy())])
+    lead = None
+    if q.spec.activations is not None and rank != 2:
+        # Per-token scales need rows: flatten [..., in] to [n, in], restore the lead dims after.
+        lead = b.op("Slice", [b.op("Shape", [x]), b.array("start", np.array([0], np.int64)),
+                              b.array("stop", np.array([-1], np.int64))])
+        x = b.op("Reshape", [x, b.array("rows", np.array([-1, q.in_features], np.int64))])
+    if q.spec.activations is not None:
+        x = _quantize_activations(b, x, q)
+    out = b.op("MatMul", [x, _weight(b, q)])
+    if q.bias is not None:
+        out = b.op("Add", [out, b.array("bias", q.bias.float().numpy())])
+    if lead is not None:
+        shape = b.op("Concat", [lead, b.array("out", np.array([q.out_features], np.int64))], axis=0)
+        out = b.op("Reshape", [out, shape])
+    b.nodes[-1].output[0] = y  # the last node writes the placeholder's output name
+    return b.nodes, b.inits

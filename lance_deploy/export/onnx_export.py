@@ -156,6 +156,12 @@ def _pin_static_outputs(model, job: GraphJob) -> None:
 
 def export_graph(job: GraphJob, root: Path, preset: str, exporter: str) -> GraphEntry:
     """Trace one job into root/graphs/<name>.onnx (+ .onnx.data) and describe it."""
+    from lance_deploy.quant.qlinear import QLinear
+
+    if any(isinstance(m, QLinear) for m in job.module.modules()):  # quantized weights: Q/DQ graph
+        from lance_deploy.export.qdq import export_qdq_graph
+
+        return export_qdq_graph(job, root, preset)
     onnx, _ = onnx_modules()
     graphs = root / GRAPHS_DIR
     raw_dir = Path(tempfile.mkdtemp(prefix=f".raw-{job.name}-", dir=root))

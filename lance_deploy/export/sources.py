@@ -85,8 +85,58 @@ def _vision_config(layout: ReleaseLayout, cfg: LLMConfig) -> VisionConfig:
     return cfg.vision
 
 
-def open_source(model: str | Path, vit: str | Path | None = None, vae: str | Path | None = None) -> Source:
-    """Locate and describe a checkpoint; a missing or malformed one is a usage error (exit 2)."""
+@dataclass
+class ArtifactSource:
+    """A quantized artifact opened for export: its Linears load as QLinears (Q/DQ graphs)."""
+
+    path: Path
+    cfg: LLMConfig
+
+    @property
+    def vision(self) -> VisionConfig:
+        return self.cfg.vision
+
+    def _reader(self):
+        from lance_deploy.export.artifact_reader import ArtifactReader
+
+        return ArtifactReader(self.path)
+
+    def fingerprint(self) -> dict:
+        manifest = self.path / "manifest.json"
+        return {"model_dir": str(self.path.resolve()), "variant": self._reader().manifest.source.get("variant"),
+                "files": [_file_fingerprint(manifest)]}
+
+    def layer(self, index: int, with_gen: bool):
+        from lance_deploy.checkpoint import canonical as cn
+        from lance_deploy.model.mot import MoTLayer
+        from lance_deploy.runtime.artifact_load import load_module
+
+        if not 0 <= index < self.cfg.num_hidden_layers:
+            raise LanceUsageError(f"--layers {index}: the model has layers 0..{self.cfg.num_hidden_layers - 1}")
+        with torch.device("meta"):
+            layer = MoTLayer(self.cfg, index, with_gen)
+        prefix = f"language_model.model.layers.{index}."
+        load_module(layer, self._reader(), lambda k: cn.to_canonical(prefix + k), torch.float32, "cpu")
+        return layer.eval()
+
+    def vit(self):
+        from lance_deploy.runtime.artifact_load import load_artifact_vit
+
+        return load_artifact_vit(self._reader(), self.cfg, torch.float32, "cpu")
+
+    def vae(self, part: str):
+        from lance_deploy.runtime.artifact_load import load_artifact_vae
+
+        return load_artifact_vae(self._reader(), (part,), torch.float32, "cpu")
+
+
+def open_source(model: str | Path, vit: str | Path | None = None, vae: str | Path | None = None):
+    """Locate and describe a checkpoint or quantized artifact; a missing or malformed one is a usage
+    error (exit 2)."""
+    from lance_deploy.runtime.artifact_load import is_artifact
+
+    if is_artifact(model):
+        return ArtifactSource(Path(model), LLMConfig.from_file(Path(model) / "llm_config.json"))
     layout = discover(model, vit=vit, vae=vae)
     cfg = LLMConfig.from_file(layout.config_file)
     return Source(layout=layout, cfg=cfg, vision=_vision_config(layout, cfg))

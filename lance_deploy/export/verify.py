@@ -61,7 +61,9 @@ class SessionPool:
         if entry.name not in self.sessions:
             _, ort = onnx_modules()
             path = str(safe_relative(self.root, entry.file, entry.name))
-            session = ort.InferenceSession(path, providers=[p for p, _ in providers()],
+            from lance_deploy.export.ort_runtime import session_options  # (ort_runtime imports this module)
+
+            session = ort.InferenceSession(path, session_options(), providers=[p for p, _ in providers()],
                                            provider_options=[o for _, o in providers()])
             self.sessions[entry.name], self.used[entry.name] = session, session.get_providers()[0]
         return self.sessions[entry.name]

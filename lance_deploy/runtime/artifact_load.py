@@ -67,7 +67,8 @@ def _install_qlinears(module: nn.Module, reader: ArtifactReader, to_canonical, d
     return covered
 
 
-def _load(module: nn.Module, reader: ArtifactReader, to_canonical, dtype, device) -> None:
+def load_module(module: nn.Module, reader: ArtifactReader, to_canonical, dtype, device) -> None:
+    """Fill a meta-built module from the artifact: packed Linears become QLinears, the rest streams in."""
     covered = _install_qlinears(module, reader, to_canonical, device, dtype)
     rest = [k for k in module.state_dict() if k not in covered and not _is_qlinear_buffer(module, k)]
     load_into(module, _Plain(reader, to_canonical, rest), dtype=dtype, device=device,
@@ -83,7 +84,7 @@ def load_artifact_lm(reader: ArtifactReader, cfg: LLMConfig, *, with_gen: bool, 
                      device) -> LanceLM:
     with torch.device("meta"):
         lm = LanceLM(cfg, with_gen=with_gen, with_lm_head=with_lm_head)
-    _load(lm, reader, cn.to_canonical, dtype, device)
+    load_module(lm, reader, cn.to_canonical, dtype, device)
     return lm.eval()
 
 
@@ -92,7 +93,7 @@ def load_artifact_vit(reader: ArtifactReader, cfg: LLMConfig, dtype, device):
 
     with torch.device("meta"):
         vit = QwenViT(cfg.vision)
-    _load(vit, reader, lambda k: "vit." + k, dtype, device)
+    load_module(vit, reader, lambda k: "vit." + k, dtype, device)
     return vit.eval()
 
 

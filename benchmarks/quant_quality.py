@@ -43,6 +43,7 @@ CONFIGS = [  # (label, spec or cast dtype, algorithm)
     ("fp8 weight-only GPTQ", FormatSpec("fp8_e4m3"), "gptq"),
     ("fp8 W8A8 RTN", FormatSpec("fp8_e4m3", activations=W8A8), "rtn"),
     ("fp8 W8A8 SmoothQuant", FormatSpec("fp8_e4m3", activations=W8A8), "smoothquant"),
+    ("fp8 W8A8 GPTQ", FormatSpec("fp8_e4m3", activations=W8A8), "gptq"),
     ("int8 weight-only RTN", FormatSpec("int8"), "rtn"),
     ("int8 weight-only GPTQ", FormatSpec("int8"), "gptq"),
     ("int8 W8A8 RTN", FormatSpec("int8", activations=W8A8), "rtn"),
@@ -137,6 +138,12 @@ def layer_sqnr(lm, programs) -> dict:
     return {k: round(sum(v) / len(v), 2) for k, v in totals.items()}
 
 
+def _only(configs: list[str] | None) -> None:
+    """Restrict CONFIGS to the labels given (for re-running a few rows)."""
+    if configs:
+        CONFIGS[:] = [c for c in CONFIGS if c[0] in configs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
@@ -145,7 +152,9 @@ def main() -> None:
     ap.add_argument("--calib-steps", type=int, default=10, help="stratified steps kept per calibration run")
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", nargs="*", help="run only these config labels")
     args = ap.parse_args()
+    _only(args.only)
     results = {"settings": vars(args) | {"out": str(args.out)}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, outliers in (("plain", False), ("outliers", True)):

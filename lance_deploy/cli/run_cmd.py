@@ -6,8 +6,10 @@ import time
 from pathlib import Path
 
 import click
+import torch
 
 from lance_deploy.cli.common import echo_json
+from lance_deploy.errors import LanceError
 
 TASK_CHOICES = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "x2t_image", "x2t_video")
 
@@ -52,19 +54,37 @@ Examples:
               help="Where the denoising query and the VAE decode run (generation tasks); prefill stays in torch.")
 @click.option("--graphs", type=click.Path(path_type=Path),
               help="Export folder for --backend onnxruntime/tensorrt (onnxruntime default: export into a cache).")
+@click.option("--gpu-memory", help="Device budget, e.g. 12GiB: plan residency and stream expert layers when "
+              "the weights do not fit (default: everything resident).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, backend, graphs, **opts):
+def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, backend, graphs, gpu_memory, **opts):
     """Run TASK (t2i, t2v, i2v, image_edit, video_edit, x2t_image, x2t_video)."""
     from lance_deploy.cli.run_request import build_request, write_outputs
-    from lance_deploy.pipeline.pipeline import LancePipeline
+    from lance_deploy.pipeline.pipeline import (
+        LancePipeline,
+        plan_residency,
+        resolve_device,
+        resolve_dtype,
+    )
 
     start = time.perf_counter()
     req = build_request(task, opts)
     engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
-    pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"], dtype=opts["dtype"],
-                                   backend=engine)
-    result = pipe(req, progress=not quiet and not as_json)
+    plan = None
+    if gpu_memory is not None:
+        from lance_deploy.cli.plan_memory import parse_size
+
+        budget = parse_size(gpu_memory)
+        dt = resolve_dtype(opts["dtype"], resolve_device(opts["device"]))
+        plan = plan_residency(model_path, req, budget, dt, vit=vit, vae=vae)
+    pipe = None
+    try:
+        pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"],
+                                       dtype=opts["dtype"], backend=engine, memory_plan=plan)
+        result = pipe(req, progress=not quiet and not as_json)
+    except torch.cuda.OutOfMemoryError as e:
+        raise _oom_error(pipe.phase if pipe is not None else "load", gpu_memory, e) from None
     summary = write_outputs(task, result, out, save_latents)
     summary["timings"]["wall_s"] = round(time.perf_counter() - start, 3)
     if as_json:
@@ -77,6 +97,19 @@ def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, b
     else:
         click.echo(f"wrote {summary['output']}")
     click.echo(f"wall time {summary['timings']['wall_s']:.2f} s", err=True)
+
+
+def _oom_error(phase: str, gpu_memory, err) -> LanceError:
+    """One line naming the phase and a way out (a budget to plan with, or a lighter recipe)."""
+    import re
+
+    first = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
+    m = re.search(r"([\d.]+ [GM]iB) is free", first)
+    free = f" ({m.group(1)} was free)" if m else ""
+    hint = ("a lower --gpu-memory than " + gpu_memory if gpu_memory
+            else "--gpu-memory SIZE (e.g. what `lance-deploy memory-plan` says fits)")
+    return LanceError(f"out of GPU memory during {phase}{free}: try {hint}, a quantized recipe (--recipe int8 "
+                      "artifact), fewer frames or a smaller size")
 
 
 def _backend(task, name, graphs, model_path, vit, vae, quiet):

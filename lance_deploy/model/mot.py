@@ -33,7 +33,7 @@ class Routing:
         return self.gen_rows is not None and self.gen_rows.numel() > 0
 
     @staticmethod
-    def of(n: int, gen_rows: torch.Tensor | None, device=None) -> "Routing":
+    def of(n: int, gen_rows: torch.Tensor | None, device=None) -> Routing:
         if gen_rows is None or gen_rows.numel() == 0:
             return Routing()
         mask = torch.ones(n, dtype=torch.bool, device=device)
@@ -127,10 +127,23 @@ class Backbone(nn.Module):
         if with_gen:
             self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    # An optional `runtime.pager.LayerPager` (a plain object, not a submodule): when set, the
+    # loop asks it to bring each layer's streamed weights in before the layer runs. Called
+    # explicitly rather than through forward hooks so the resident path stays hook-free.
+    pager = None
+
     def forward(self, x, cos_sin, routing: Routing, cache: KVCache | None, *, causal: bool, update_cache: bool):
         """Run one query chunk through every layer; returns final-normed hidden [n, D]."""
-        for layer in self.layers:
-            x = layer(x, cos_sin, routing, cache, causal, update_cache)
+        pager = self.pager
+        if pager is None:
+            for layer in self.layers:
+                x = layer(x, cos_sin, routing, cache, causal, update_cache)
+        else:
+            use_gen = routing.is_mixed  # a chunk with no gen rows needs none of the gen groups
+            for i, layer in enumerate(self.layers):
+                pager.before_layer(i, use_gen)
+                x = layer(x, cos_sin, routing, cache, causal, update_cache)
+                pager.after_layer(i)
         return route(x, routing, self.norm, lambda r: self.norm_moe_gen(r))
 
 

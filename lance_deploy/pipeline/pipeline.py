@@ -7,23 +7,37 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from lance_deploy.checkpoint.layout import discover
 from lance_deploy.errors import LanceUsageError
-from lance_deploy.pipeline.components import Components, load_artifact_components, load_components
-from lance_deploy.runtime.artifact_load import is_artifact
+from lance_deploy.pipeline.components import (
+    Components,
+    load_artifact_components,
+    load_components,
+)
 from lance_deploy.pipeline.denoise import DenoiseInputs, DenoiseTrace, denoise
 from lance_deploy.pipeline.encode import EncodedMedia, encode_media
 from lance_deploy.pipeline.progress import step_bar
-from lance_deploy.pipeline.sequence import build_generation_sequence, build_understanding_sequence
-from lance_deploy.pipeline.tasks import (GENERATION_TASKS, SPECS, VIDEO_TASKS, TaskRequest, covers, latent_grid,
-                                         union_spec)
+from lance_deploy.pipeline.sequence import (
+    build_generation_sequence,
+    build_understanding_sequence,
+)
+from lance_deploy.pipeline.tasks import (
+    GENERATION_TASKS,
+    SPECS,
+    VIDEO_TASKS,
+    TaskRequest,
+    covers,
+    latent_grid,
+    union_spec,
+)
 from lance_deploy.pipeline.understand import UnderstandInputs, understand
+from lance_deploy.runtime.artifact_load import is_artifact
 
 LATENT_CHANNELS = 48
 
@@ -78,14 +92,19 @@ class LancePipeline:
         self.backend = backend
         self.spec = union_spec(tasks)
         self.load_seconds = 0.0
+        self.phase = "load"  # the phase running now (named in out-of-memory messages)
+        self.residency = None  # runtime.residency.ExpertResidency when a budget needs streaming
+        self.spans: dict = {}
 
     @classmethod
     def from_path(cls, path, task: str | tuple[str, ...], *, vit=None, vae=None, device=None,
-                  dtype=None, backend=None) -> "LancePipeline":
+                  dtype=None, backend=None, memory_plan=None) -> LancePipeline:
         """Discover the release layout under `path` and load what `task` (or every task of a tuple) needs.
 
         `backend`: None / "torch", "onnxruntime" (graphs exported into a cache on first use) or
         a backend object from `lance_deploy.export.backend.make_backend`.
+        `memory_plan`: a `runtime.memory_plan.MemoryPlan` (see `plan_residency`); when it streams
+        any expert layer the weights load on the host and move to the device phase by phase.
         """
         tasks = (task,) if isinstance(task, str) else tuple(task)
         for t in tasks:
@@ -94,13 +113,15 @@ class LancePipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
+        paged = memory_plan is not None and needs_streaming(memory_plan)
+        load_dev = torch.device("cpu") if paged else dev  # the residency manager places them later
         video = any(t in VIDEO_TASKS for t in tasks)
         if is_artifact(path):
-            components = load_artifact_components(path, union_spec(tasks), dtype=dt, device=dev)
+            components = load_artifact_components(path, union_spec(tasks), dtype=dt, device=load_dev)
             model_dir = Path(path)
         else:
             layout = discover(path, vit=vit, vae=vae, variant="video" if video else None)
-            components = load_components(layout, union_spec(tasks), dtype=dt, device=dev)
+            components = load_components(layout, union_spec(tasks), dtype=dt, device=load_dev)
             model_dir = layout.model_dir
         if video and components.variant != "video":
             raise LanceUsageError(
@@ -110,8 +131,29 @@ class LancePipeline:
 
             backend = make_backend(backend, model_dir, vit=vit, vae=vae)
         pipe = cls(components, tasks, dev, dt, backend)
+        if paged:
+            from lance_deploy.runtime.residency import spans_for
+
+            pipe.attach_residency(lambda r: spans_for(pipe.spec, memory_plan.plan, r), memory_plan.plan.budget)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
+
+    def attach_residency(self, spans, budget: int | None = None):
+        """Manage device residency by span ('encode', 'llm', 'vae_decode'): `spans` is a list of
+        `runtime.residency.Span` or a function of the `ExpertResidency` returning one (so spans
+        can be sized on the real weight bytes). The ledger refuses to exceed `budget` bytes."""
+        from lance_deploy.runtime.pager import ByteLedger
+        from lance_deploy.runtime.residency import ExpertResidency
+
+        res = ExpertResidency(self.c.lm, self.device, ByteLedger(budget), vit=self.c.vit, vae=self.c.vae)
+        self.residency = res
+        self.spans = {s.name: s for s in (spans(res) if callable(spans) else spans)}
+        return res
+
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        if self.residency is not None and phase in self.spans:
+            self.residency.enter(self.spans[phase])
 
     def __call__(self, req: TaskRequest, *, progress: bool = True, trace: bool = False):
         if not covers(self.spec, req.task):
@@ -125,6 +167,7 @@ class LancePipeline:
     def _generate(self, req: TaskRequest, progress: bool, trace: bool) -> GenerationOutput:
         timings = {"load_s": self.load_seconds}
         t0 = time.perf_counter()
+        self._enter("encode")
         media = encode_media(self.c, req, self.device, self.dtype)
         target = self._target_grid(req, media)
         seq = build_generation_sequence(
@@ -144,6 +187,7 @@ class LancePipeline:
         query_fn = None if self.backend is None else self.backend.query_fn(self.c.lm)  # may export graphs first
         t1 = time.perf_counter()
         rec = DenoiseTrace() if trace else None
+        self._enter("llm")
         with step_bar(req.sampler.steps, f"{req.task} denoise", progress) as tick:
             x = denoise(self.c.lm, inp, req.sampler, progress=tick, trace=rec, query_fn=query_fn)
         timings["denoise_s"] = time.perf_counter() - t1
@@ -152,6 +196,7 @@ class LancePipeline:
         t2 = time.perf_counter()
         from lance_deploy.media.io import to_uint8
 
+        self._enter("vae_decode")
         latent = blocks[-1].to(self.device, self.dtype)
         pixels = self.c.vae.decode(latent) if self.backend is None else self.backend.decode(self.c.vae, latent)
         frames = to_uint8(pixels.float().cpu())
@@ -194,6 +239,7 @@ class LancePipeline:
     def _understand(self, req: TaskRequest, progress: bool) -> UnderstandingOutput:
         timings = {"load_s": self.load_seconds}
         t0 = time.perf_counter()
+        self._enter("encode")
         media = encode_media(self.c, req, self.device, self.dtype)
         tok = self.c.tokenizer
         seq = build_understanding_sequence(tok, req.system, req.question, media.vit_grids[0], req.max_new_tokens)
@@ -201,6 +247,7 @@ class LancePipeline:
                                rope_pos=seq.rope_pos, vit_indexes=seq.vit_indexes, vit_tokens=media.vit_tokens)
         timings["encode_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
+        self._enter("llm")
         with step_bar(req.max_new_tokens, f"{req.task} decode", progress) as tick:
             res = understand(self.c.lm, inp, max_new_tokens=req.max_new_tokens, eos_id=tok.im_end,
                              vocab_limit=len(tok), keep_logits=True, progress=tick)
@@ -208,6 +255,27 @@ class LancePipeline:
         ids = res.token_ids[:-1] if res.token_ids and res.token_ids[-1] == tok.im_end else res.token_ids
         return UnderstandingOutput(text=tok.decode(ids), token_ids=res.token_ids, logits=res.logits,
                                    timings=timings, notes=req.notes + media.notes)
+
+
+def needs_streaming(memory_plan) -> bool:
+    """Whether a plan streams any expert layer in any phase (else everything stays resident)."""
+    return any(k for p in memory_plan.plan.phases for k in p.streamed.values())
+
+
+def plan_residency(path, req: TaskRequest, gpu_memory, dtype: torch.dtype, *, vit=None, vae=None):
+    """The planner's `MemoryPlan` for `req` under `gpu_memory` (headers and configs only).
+    Raises LanceError with the planner's suggestion when nothing fits."""
+    from lance_deploy.cli.plan_memory import plan_memory
+    from lance_deploy.errors import LanceError
+
+    if is_artifact(path):
+        raise LanceUsageError("--gpu-memory plans from a release checkpoint; quantized artifacts are not planned yet")
+    s = req.sampler
+    mp = plan_memory(path, req.task, req.height, req.width, req.frames, gpu_memory, cfg=s.cfg_scale, dtype=dtype,
+                     steps=s.steps, preset=req.preset, max_new_tokens=req.max_new_tokens, vit=vit, vae=vae)
+    if not mp.fits:
+        raise LanceError(f"--gpu-memory: {mp.suggestion}")
+    return mp
 
 
 def _split_blocks(x: torch.Tensor, grids) -> list[torch.Tensor]:

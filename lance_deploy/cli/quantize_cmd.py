@@ -50,6 +50,7 @@ Examples:
   lance-deploy quantize ckpt/Lance_3B --recipe fp8-ada-hopper --out exported/lance-fp8
   lance-deploy quantize ckpt/Lance_3B_Video --recipe budget-12gb --out exported/video-12gb --json
   lance-deploy plan ckpt/Lance_3B --recipe budget-8gb          # see the per-tensor plan first
+  lance-deploy quantize ckpt/Lance_3B --recipe budget-12gb --budget 12GiB --out exported/lance-12g
 """)
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--recipe", "-r", required=True, help=RECIPE_HELP)
@@ -61,14 +62,20 @@ Examples:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--restart", is_flag=True, help="Discard a job folder made with other settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at OUT.")
+@click.option("--budget", help="Weight byte budget (12GiB, 16GB, ...): measure each layer group's sensitivity and "
+                               "choose per-group formats within it (default: the recipe's budget section, if any). "
+                               "The chosen recipe and report are written to OUT.budget.yaml / OUT.budget.json.")
 @click.option("--json", "as_json", is_flag=True)
-def quantize_cmd(ckpt, recipe, out_dir, work_dir, vit, vae, samples, device, restart, overwrite, as_json):
+def quantize_cmd(ckpt, recipe, out_dir, work_dir, vit, vae, samples, device, restart, overwrite, budget, as_json):
     """Quantize the release checkpoint CKPT with RECIPE into an artifact folder (resumable)."""
     from lance_deploy.pipeline.pipeline import resolve_device
     from lance_deploy.quant.quantize import quantize
 
-    res = quantize(ckpt, _recipe(recipe, samples), out_dir, work_dir=work_dir, vit=vit, vae=vae,
-                   device=resolve_device(device), restart=restart, overwrite=overwrite, progress=not as_json)
+    recipe_obj, device, programs = _recipe(recipe, samples), resolve_device(device), None
+    if budget is not None or recipe_obj.budget is not None:
+        recipe_obj, programs = _apply_budget(ckpt, recipe_obj, budget, out_dir, vit, vae, device, as_json)
+    res = quantize(ckpt, recipe_obj, out_dir, work_dir=work_dir, vit=vit, vae=vae, programs=programs,
+                   device=device, restart=restart, overwrite=overwrite, progress=not as_json)
     summary = {"out": str(res.out_dir), "seconds": round(res.seconds, 2), "resumed_layers": res.resumed_layers,
                "bytes": res.plan.total_bytes, "bf16_bytes": res.plan.bf16_bytes, "calibration": res.calibration}
     if as_json:
@@ -77,6 +84,24 @@ def quantize_cmd(ckpt, recipe, out_dir, work_dir, vit, vae, samples, device, res
     click.echo(f"wrote {res.out_dir} ({res.plan.total_bytes / 2**30:.2f} GiB of weights, "
                f"{res.plan.bf16_bytes / 2**30:.2f} GiB in bf16) in {res.seconds:.1f} s"
                + (f", {res.resumed_layers} layers resumed" if res.resumed_layers else ""))
+
+
+def _apply_budget(ckpt, recipe, budget, out_dir: Path, vit, vae, device, as_json: bool):
+    """Resolve the budget into per-group rules; write the recipe and report beside OUT."""
+    import json
+
+    from lance_deploy.cli.plan_memory import parse_size
+    from lance_deploy.quant.budget import format_report, resolve_budget
+
+    if budget is not None:
+        parse_size(budget, "--budget")  # a one-line usage error before anything is loaded
+    res = resolve_budget(ckpt, recipe, budget, device=device, vit=vit, vae=vae, progress=not as_json)
+    out_dir = Path(out_dir)
+    out_dir.with_name(out_dir.name + ".budget.yaml").write_text(res.recipe.to_yaml(), encoding="utf-8")
+    out_dir.with_name(out_dir.name + ".budget.json").write_text(json.dumps(res.to_dict(), indent=2), encoding="utf-8")
+    if not as_json:
+        click.echo(format_report(res))
+    return res.recipe, res.programs
 
 
 @click.command("eval", epilog="""\b

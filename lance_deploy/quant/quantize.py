@@ -128,11 +128,23 @@ def _load_layer(reader: SafetensorsReader, cfg, index: int, device) -> MoTLayer:
 
 
 def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, vae=None, device="cpu",
-             restart: bool = False, overwrite: bool = False, progress: bool = True, programs=None) -> QuantizeResult:
-    """Quantize the checkpoint at `model_path` with `recipe` into the artifact folder `out_dir`."""
+             restart: bool = False, overwrite: bool = False, progress: bool = True, programs=None,
+             budget=None) -> QuantizeResult:
+    """Quantize the checkpoint at `model_path` with `recipe` into the artifact folder `out_dir`.
+
+    `budget` ('12GiB' or bytes): first rewrite the recipe's decoder rules into per-group formats
+    chosen by measured sensitivity within that many weight bytes (``quant/budget.py``); the
+    calibration programs recorded for the measurement are reused.
+    """
     from tqdm import tqdm
 
     start = time.perf_counter()
+    if budget is not None:
+        from lance_deploy.quant.budget import resolve_budget
+
+        chosen = resolve_budget(model_path, recipe, budget, device=device, programs=programs, vit=vit, vae=vae,
+                                progress=progress)
+        recipe, programs = chosen.recipe, chosen.programs
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".job")
     layout, (job, source) = _open_job(model_path, recipe, work_dir, vit, vae, device, restart)
@@ -213,19 +225,24 @@ def _calibration_summary(programs, recipe: Recipe) -> dict:
 
 
 def _calibration_programs(layout, recipe: Recipe, job: JobState, device, progress: bool):
-    from lance_deploy.quant.calibrate.collect import CollectSettings, collect_programs
     from lance_deploy.quant.calibrate.store import load_programs, save_programs
 
     if job.is_done("calibration"):
         return load_programs(*job.load_step("calibration"))
-    c = recipe.calibration
+    programs = collect_calibration(layout, recipe.calibration, device, progress)
+    job.save_step("calibration", *save_programs(programs))
+    job.done("calibration")
+    return programs
+
+
+def collect_calibration(layout, c, device, progress: bool):
+    """Record the programs of calibration config `c` (video tasks only on the video variant)."""
+    from lance_deploy.quant.calibrate.collect import CollectSettings, collect_programs
+
     tasks = tuple(t for t in c.tasks if layout.variant == "video" or t not in ("t2v", "i2v", "video_edit",
                                                                                 "x2t_video"))
     settings = CollectSettings(tasks=tasks, samples_per_task=c.samples_per_task, steps=c.steps,
                                keep_steps=tuple(c.step_indices()), cfg_branches=tuple(c.cfg_branches),
                                height=c.height, width=c.width, frames=c.frames, seed=c.seed,
                                prompts_root=c.prompts_dir)
-    programs = collect_programs(layout.model_dir, settings, device=device, dtype="float32", progress=progress)
-    job.save_step("calibration", *save_programs(programs))
-    job.done("calibration")
-    return programs
+    return collect_programs(layout.model_dir, settings, device=device, dtype="float32", progress=progress)

@@ -163,17 +163,24 @@ def export_graph(job: GraphJob, root: Path, preset: str, exporter: str) -> Graph
 
         return export_qdq_graph(job, root, preset)
     onnx, _ = onnx_modules()
-    graphs = root / GRAPHS_DIR
     raw_dir = Path(tempfile.mkdtemp(prefix=f".raw-{job.name}-", dir=root))
     try:
         _trace(job, raw_dir / "model.onnx", exporter)
         model = onnx.load(str(raw_dir / "model.onnx"))  # pulls in any external data the exporter wrote
         _pin_static_outputs(model, job)
-        final, data = graphs / f"{job.name}.onnx", f"{job.name}.onnx.data"
-        onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=EXTERNAL_THRESHOLD)
+        return save_graph(model, job, root, preset, dict(job.meta, opset=OPSET))
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
+
+
+def save_graph(model, job: GraphJob, root: Path, preset: str, meta: dict) -> GraphEntry:
+    """Write `model` as root/graphs/<name>.onnx with its weights in <name>.onnx.data; check it and
+    return its manifest entry (files, hashes, shapes, profiles)."""
+    onnx, _ = onnx_modules()
+    graphs = root / GRAPHS_DIR
+    final, data = graphs / f"{job.name}.onnx", f"{job.name}.onnx.data"
+    onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=EXTERNAL_THRESHOLD)
     onnx.checker.check_model(str(final))
     external = [f"{GRAPHS_DIR}/{data}"] if (graphs / data).is_file() else []
     rel = f"{GRAPHS_DIR}/{final.name}"
@@ -181,7 +188,7 @@ def export_graph(job: GraphJob, root: Path, preset: str, exporter: str) -> Graph
         name=job.name, part=job.part, preset=preset, file=rel, external_data=external,
         sha256={p: sha256_file(root / p) for p in [rel, *external]},
         inputs=_tensor_specs(model.graph.input, onnx), outputs=_tensor_specs(model.graph.output, onnx),
-        profiles=job.profiles, meta=dict(job.meta, opset=OPSET),
+        profiles=job.profiles, meta=meta,
     )
 
 

@@ -183,9 +183,7 @@ def export_qdq_graph(job: GraphJob, root: Path, preset: str) -> GraphEntry:
 
     import onnx
 
-    from lance_deploy.export.manifest import GraphEntry, sha256_file
-    from lance_deploy.export.onnx_export import (EXTERNAL_THRESHOLD, GRAPHS_DIR, OPSET, _pin_static_outputs,
-                                                 _tensor_specs)
+    from lance_deploy.export.onnx_export import GRAPHS_DIR, OPSET, _pin_static_outputs, save_graph
 
     graphs = root / GRAPHS_DIR
     graphs.mkdir(parents=True, exist_ok=True)
@@ -204,20 +202,9 @@ def export_qdq_graph(job: GraphJob, root: Path, preset: str) -> GraphEntry:
             expand_placeholders(model, registry)
             _pin_static_outputs(model, job)
             formats = formats_of(registry)
-        final, data = graphs / f"{job.name}.onnx", f"{job.name}.onnx.data"
-        onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=EXTERNAL_THRESHOLD)
+        return save_graph(model, job, root, preset, dict(job.meta, opset=QDQ_OPSET, quantized=formats))
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
-    onnx.checker.check_model(str(final))
-    external = [f"{GRAPHS_DIR}/{data}"] if (graphs / data).is_file() else []
-    rel = f"{GRAPHS_DIR}/{final.name}"
-    return GraphEntry(
-        name=job.name, part=job.part, preset=preset, file=rel, external_data=external,
-        sha256={p: sha256_file(root / p) for p in [rel, *external]},
-        inputs=_tensor_specs(model.graph.input, onnx), outputs=_tensor_specs(model.graph.output, onnx),
-        profiles=job.profiles, meta=dict(job.meta, opset=QDQ_OPSET, quantized=formats),
-    )
 
 
 # ---------------------------------------------------------------------- node builders

@@ -131,3 +131,10 @@ def test_foreign_checkpoint_names_offending_keys(ckpt, tmp_path):
                       "--height", "32", "--width", "32", "--steps", "1"])
     assert code == 2
     _assert_one_line(err, "layers.1.mlp_moe_gen.up_proj.weight", "norm.weight")
+
+
+def test_video_output_needs_mp4(ckpt, tmp_path):
+    code, err = _run(["run", "t2v", "--model", str(ckpt / "Lance_3B_Video"), "--prompt", "x", "--height", "32",
+                      "--width", "32", "--frames", "5", "--out", str(tmp_path / "v.png")])
+    assert code == 2
+    _assert_one_line(err, "--out", ".mp4")

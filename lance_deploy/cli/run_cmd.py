@@ -69,6 +69,7 @@ def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, b
     )
 
     start = time.perf_counter()
+    _check_out(task, out, opts.get("frames"))
     req = build_request(task, opts)
     engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
     plan = None
@@ -125,3 +126,14 @@ def _backend(task, name, graphs, model_path, vit, vae, quiet):
     variant = "video" if task in VIDEO_TASKS else "image"
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     return make_backend(name, model_path, graphs, vit=vit, vae=vae, variant=variant, log=log)
+
+
+def _check_out(task: str, out, frames) -> None:
+    """Refuse an output name that cannot hold the result before any work is done."""
+    from lance_deploy.errors import LanceUsageError
+
+    video = task in ("t2v", "i2v", "video_edit") and frames != 1
+    if out is not None and video and out.suffix.lower() != ".mp4":
+        raise LanceUsageError(f"--out {out}: {task} writes a video; give a .mp4 path")
+    if out is not None and task.startswith("x2t") and out.suffix.lower() in (".png", ".mp4"):
+        raise LanceUsageError(f"--out {out}: {task} writes text; give a .txt path")

@@ -159,3 +159,46 @@ def test_quantize_and_eval_cli(tmp_path):
     assert report["tasks"]["t2i"]["final_latent_snr_db"] > 20
     assert "greedy_token_agreement" in report["tasks"]["x2t_image"]
     assert (out / "report" / "report.md").is_file() and (out / "report" / "t2i-0.png").is_file()
+
+
+def test_sigkill_mid_layer_then_resume(tmp_path):
+    """A real `kill -9` while the second layer is being quantized; the resumed artifact equals a clean one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    src = golden_root() / "ckpt" / "Lance_3B"
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(_fast(load_recipe("budget-8gb")).to_yaml())
+    child = textwrap.dedent(f"""
+        import time
+        import lance_deploy.quant.quantize as q
+        from lance_deploy.quant.recipe import load_recipe
+        real, seen = q.quantize_one_layer, []
+        def slow(*a, **k):
+            seen.append(1)
+            if len(seen) == 2:
+                time.sleep(120)  # the parent kills us here, mid-layer
+            return real(*a, **k)
+        q.quantize_one_layer = slow
+        q.quantize({str(src)!r}, load_recipe({str(recipe_file)!r}), {str(tmp_path / "killed")!r}, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    progress = tmp_path / "killed.job" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.is_file() and "layer-000" in progress.read_text()):
+        time.sleep(0.05)
+    assert "layer-000" in progress.read_text()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed").exists()  # only a `.partial` folder, never a valid-looking artifact
+    recipe = load_recipe(recipe_file)
+    res = quantize(src, recipe, tmp_path / "killed", progress=False)
+    assert res.resumed_layers == 1
+    quantize(src, recipe, tmp_path / "clean", progress=False)
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "clean" / "weights", tmp_path / "killed" / "weights",
+                                           sorted(os.listdir(tmp_path / "clean" / "weights")), shallow=False)
+    assert not mismatch and not errors

@@ -52,6 +52,8 @@ CONFIGS = [  # (label, spec or cast dtype, algorithm)
     ("int4 g64 AWQ", FormatSpec("int4", group_size=64), "awq"),
     ("int4 g64 GPTQ", FormatSpec("int4", group_size=64), "gptq"),
     ("nf4 (bitsandbytes layout) RTN", FormatSpec("nf4"), "rtn"),
+    ("bitsandbytes LLM.int8 (threshold 6)", "int8", "bnb"),
+    ("bitsandbytes nf4 (Linear4bit)", "nf4", "bnb"),
 ]
 
 
@@ -66,6 +68,28 @@ def _cast(lm, dtype):
         for path in _linear_paths():
             w = layer.get_submodule(path).weight
             w.data = w.data.to(dtype).to(w.dtype)
+
+
+def _bnb(lm, kind: str):
+    """bitsandbytes' own modules in place of every expert Linear (CPU kernels of bnb >= 0.45)."""
+    import bitsandbytes as bnb
+
+    for layer in lm.language_model.model.layers:
+        for path in _linear_paths():
+            parent_path, _, name = path.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            old = getattr(parent, name)
+            if kind == "int8":
+                new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
+                                          has_fp16_weights=False, threshold=6.0)
+                new.weight = bnb.nn.Int8Params(old.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                        quant_type="nf4", compute_dtype=torch.float32)
+                new.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            if old.bias is not None:
+                new.bias = torch.nn.Parameter(old.bias.data.clone(), requires_grad=False)
+            setattr(parent, name, new.to("cpu"))
 
 
 def _final_latents(pipe, lm, prompts, steps: int, size: int) -> list[torch.Tensor]:
@@ -92,6 +116,8 @@ def evaluate_model(ckpt: Path, args) -> dict:
         lm = copy.deepcopy(ref_lm)
         if algo == "cast":
             _cast(lm, spec)
+        elif algo == "bnb":
+            _bnb(lm, spec)
         else:
             jobs = {p: LinearJob(p, spec, algo) for p in _linear_paths()}
             for _ in quantize_layers(lm.cfg, programs, lambda i: lm.language_model.model.layers[i],

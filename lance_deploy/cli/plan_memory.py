@@ -66,8 +66,9 @@ def plan_memory(model, task: str, height: int | None = None, width: int | None =
                 gpu_memory=None, cfg: float = 4.0, dtype="bfloat16", tiling=None, *, recipe: str | None = None,
                 steps: int = 30, preset: str | None = None, flash: bool | None = None, caption_tokens: int = 256,
                 max_new_tokens: int = 256, vit=None, vae=None) -> MemoryPlan:
-    """Plan `task` on the release at `model` under `gpu_memory` (bytes or '16GiB'; default: free
-    device memory minus 1 GiB). Reads headers and configs only."""
+    """Plan `task` on the release (or quantized artifact folder) at `model` under `gpu_memory`
+    (bytes or '16GiB'; default: free device memory minus 1 GiB). Reads headers, configs and an
+    artifact's manifest only."""
     if task not in TASKS:
         raise LanceUsageError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     dt = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype)
@@ -119,7 +120,7 @@ Examples:
   lance-deploy memory-plan --model ckpt --task t2v --height 480 --width 848 --frames 121 --gpu-memory 16GiB
   lance-deploy memory-plan --model ckpt --task video_edit --frames 69 --gpu-memory 12GiB --recipe int8 --json
 """)
-@click.option("--model", "model_path", required=True, type=click.Path(), help="Download folder or model folder.")
+@click.option("--model", "model_path", required=True, type=click.Path(), help="Download folder, model folder or quantized artifact folder.")
 @click.option("--task", required=True, type=click.Choice(TASKS), help="The task to plan.")
 @click.option("--height", type=int, help="Output height (t2i/t2v) or the input's height (media tasks).")
 @click.option("--width", type=int, help="Output width (t2i/t2v) or the input's width (media tasks).")

@@ -263,13 +263,12 @@ def needs_streaming(memory_plan) -> bool:
 
 
 def plan_residency(path, req: TaskRequest, gpu_memory, dtype: torch.dtype, *, vit=None, vae=None):
-    """The planner's `MemoryPlan` for `req` under `gpu_memory` (headers and configs only).
-    Raises LanceError with the planner's suggestion when nothing fits."""
+    """The planner's `MemoryPlan` for `req` under `gpu_memory` (headers and configs only; for a
+    quantized artifact folder, its manifest's stored bytes). Raises LanceError with the planner's
+    suggestion when nothing fits."""
     from lance_deploy.cli.plan_memory import plan_memory
     from lance_deploy.errors import LanceError
 
-    if is_artifact(path):
-        raise LanceUsageError("--gpu-memory plans from a release checkpoint; quantized artifacts are not planned yet")
     s = req.sampler
     mp = plan_memory(path, req.task, req.height, req.width, req.frames, gpu_memory, cfg=s.cfg_scale, dtype=dtype,
                      steps=s.steps, preset=req.preset, max_new_tokens=req.max_new_tokens, vit=vit, vae=vae)

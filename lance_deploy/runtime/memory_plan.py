@@ -44,6 +44,7 @@ from lance_deploy.runtime.weights import (
     apply_recipe,
     dtype_bytes,
     inventory,
+    manifest_entries,
     release_entries,
 )
 from lance_deploy.runtime.workload import Workload, build_workload
@@ -72,12 +73,17 @@ class PlanRequest:
 
 @dataclass
 class ModelInfo:
-    """Everything the planner reads from a release, once: no tensor data."""
+    """Everything the planner reads from a release or a quantized artifact, once: no tensor data.
 
-    layout: ReleaseLayout
+    `layout` is the release layout, or None for an artifact folder (`exported/<name>/`), whose
+    `manifest` then gives the per-tensor bytes (packed fields at their stored size, plain tensors
+    at the load dtype) and whose folder holds llm_config.json and the tokenizer."""
+
+    layout: ReleaseLayout | None
     cfg: LLMConfig
     vision: VisionConfig
     tokenizer: LanceTokenizer
+    manifest: object | None = None  # export.artifact_manifest.ArtifactManifest for an artifact
     _entries: dict = field(default_factory=dict)
     _inventories: dict = field(default_factory=dict)
 
@@ -86,6 +92,10 @@ class ModelInfo:
         """Discover the layout exactly as `LancePipeline.from_path` does for `task`."""
         if task not in TASKS:
             raise LanceUsageError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        from lance_deploy.runtime.artifact_load import is_artifact
+
+        if is_artifact(path):
+            return cls._load_artifact(path, task)
         layout = discover(path, vit=vit, vae=vae, variant="video" if task in VIDEO_TASKS else "image")
         cfg = LLMConfig.from_file(layout.config_file)
         vision = cfg.vision
@@ -94,24 +104,70 @@ class ModelInfo:
             vision = VisionConfig.from_dict(json.loads(vit_config.read_text()))
         return cls(layout, cfg, vision, LanceTokenizer.from_dir(layout.tokenizer_dir))
 
+    @classmethod
+    def _load_artifact(cls, path, task: str) -> ModelInfo:
+        """An artifact folder, read as `pipeline.components.load_artifact_components` reads it
+        (manifest, llm_config.json, tokenizer; the ViT config is the LLM config's)."""
+        from pathlib import Path
+
+        from lance_deploy.export.artifact_reader import ArtifactReader
+
+        path = Path(path)
+        reader = ArtifactReader(path)
+        try:
+            manifest = reader.manifest
+        finally:
+            reader.close()
+        variant = manifest.source.get("variant", "image")
+        if task in VIDEO_TASKS and variant != "video":
+            raise LanceUsageError(
+                f"{task} needs the video model (Lance_3B_Video), but {path} holds the image model")
+        cfg = LLMConfig.from_file(path / "llm_config.json")
+        return cls(None, cfg, cfg.vision, LanceTokenizer.from_dir(path), manifest)
+
+    @property
+    def variant(self) -> str | None:
+        return self.manifest.source.get("variant", "image") if self.manifest is not None else None
+
+    @property
+    def packed(self) -> bool:
+        """Whether the weights themselves are stored packed (an artifact with quantized tensors)."""
+        return self.manifest is not None and any(t.spec is not None for t in self.manifest.tensors)
+
+    def _has(self, part: str) -> bool:
+        if self.layout is not None:
+            return {"vit": self.layout.has_bundled_vit or self.layout.vit_file is not None,
+                    "vae": self.layout.vae_file is not None}[part]
+        return any(t.name.startswith(part + ".") for t in self.manifest.tensors)
+
+    def _require(self, part: str) -> None:
+        if self.layout is not None:
+            (self.layout.require_vit if part == "vit" else self.layout.require_vae)()
+        elif not self._has(part):
+            raise LanceUsageError(f"this quantized artifact holds no {part.upper()} tensors ({part}.*)")
+
     def entries(self, dtype: torch.dtype) -> list[TensorEntry]:
         """Every tensor any task could load, at `dtype` (cached per dtype)."""
         if dtype not in self._entries:
-            everything = union_spec(TASKS)
-            self._entries[dtype] = release_entries(self.layout, dtype, replace(
-                everything, vit=self.layout.has_bundled_vit or self.layout.vit_file is not None,
-                vae_encoder=self.layout.vae_file is not None, vae_decoder=self.layout.vae_file is not None))
+            if self.manifest is not None:
+                self._entries[dtype] = manifest_entries(self.manifest, dtype)
+            else:
+                everything = union_spec(TASKS)
+                self._entries[dtype] = release_entries(self.layout, dtype, replace(
+                    everything, vit=self._has("vit"), vae_encoder=self._has("vae"), vae_decoder=self._has("vae")))
         return self._entries[dtype]
 
     def inventory(self, task: str, dtype: torch.dtype, recipe: str | None = None) -> WeightInventory:
         spec = SPECS[task]
         if spec.vit:
-            self.layout.require_vit()  # the same error as the loader when it is missing
+            self._require("vit")  # the same error as the loader when it is missing
         if spec.vae_encoder or spec.vae_decoder:
-            self.layout.require_vae()
+            self._require("vae")
         key = (task, dtype, recipe)
         if key not in self._inventories:
             label = recipe or str(dtype).removeprefix("torch.")
+            if recipe is None and self.manifest is not None:
+                label = f"{self.manifest.recipe.get('name') or 'artifact'} (stored) + {label}"
             self._inventories[key] = inventory(apply_recipe(self.entries(dtype), recipe), spec, label)
         return self._inventories[key]
 
@@ -172,7 +228,7 @@ def _plan_once(info: ModelInfo, r: PlanRequest) -> tuple[Workload, WeightInvento
     opts = RunOptions(b=b, flash=r.flash and r.dtype in (torch.bfloat16, torch.float16), tiling=r.tiling)
     inv = info.inventory(r.task, r.dtype, r.recipe)
     # a quantized Linear may dequantize its weight per call: one [11008, 2048] scratch at the compute dtype
-    extra = b * info.cfg.intermediate_size * info.cfg.hidden_size if r.recipe else 0
+    extra = b * info.cfg.intermediate_size * info.cfg.hidden_size if r.recipe or info.packed else 0
     return work, inv, plan(phase_demands(work, info.dims(r.dtype), opts), inv, r.budget, extra)
 
 

@@ -34,7 +34,7 @@ from lance_deploy import __version__
 from lance_deploy.checkpoint.fingerprint import SourceFingerprint, source_fingerprint
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
 from lance_deploy.errors import CheckpointError, LanceUsageError
-from lance_deploy.fsutil import atomic_path
+from lance_deploy.fsutil import atomic_path, sha256_file
 
 __all__ = ["JobFingerprint", "JobState", "SourceFingerprint", "source_fingerprint"]
 
@@ -183,7 +183,7 @@ class JobState:
         with SafetensorsWriter(path, entries, metadata=dict(meta or {})) as w:
             for k, t in tensors.items():
                 w.write(k, t)
-        self.done(step, _file_sha256(path))
+        self.done(step, sha256_file(path))
 
     def load_step(self, step: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """A finished step's tensors and metadata, checked against the recorded sha256."""
@@ -191,7 +191,7 @@ class JobState:
             raise LanceUsageError(f"{self.work_dir}: step {step!r} is not finished")
         path = self.step_path(step)
         want = self._progress["outputs"].get(step)
-        if not path.is_file() or (want is not None and _file_sha256(path) != want):
+        if not path.is_file() or (want is not None and sha256_file(path) != want):
             raise LanceUsageError(f"{path}: saved output of step {step!r} is missing or corrupt; pass --restart")
         try:
             with SafetensorsReader(path) as r:
@@ -204,11 +204,3 @@ def _check_step(step: str) -> str:
     if not isinstance(step, str) or not _STEP.fullmatch(step):
         raise LanceUsageError(f"step name {step!r} must be letters, digits, '_', '.', '-' (no path separators)")
     return step
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

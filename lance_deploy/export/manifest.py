@@ -113,12 +113,6 @@ def safe_relative(root: Path, rel: str, what: str) -> Path:
     return resolved
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_manifest(root: str | Path) -> Manifest:

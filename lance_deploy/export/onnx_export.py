@@ -34,10 +34,10 @@ from lance_deploy.export.manifest import (
     TensorSpec,
     export_identity,
     load_manifest,
-    sha256_file,
     write_manifest,
 )
 from lance_deploy.export.parts import BUILDERS, GraphJob
+from lance_deploy.fsutil import sha256_file
 from lance_deploy.export.presets import PARTS, preset_shapes
 from lance_deploy.export.sources import open_source
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from lance_deploy.errors import LanceError, LanceUsageError
-from lance_deploy.export.manifest import GraphEntry, Manifest, load_manifest, safe_relative, sha256_file, write_manifest
+from lance_deploy.export.manifest import GraphEntry, Manifest, load_manifest, safe_relative, write_manifest
+from lance_deploy.fsutil import sha256_file
 from lance_deploy.export.onnx_export import onnx_modules
 from lance_deploy.export.reference import CHECKS, Comparison
 from lance_deploy.export.sources import Source, open_source

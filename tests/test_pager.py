@@ -38,35 +38,49 @@ def resident():
     return get
 
 
-def _count_forwards(pipe) -> list[bool]:
-    """Wrap the backbone's forward to record, per call, whether the gen expert ran (mixed rows)."""
+def _count_forwards(pipe) -> list[tuple[str, bool]]:
+    """Wrap the backbone's forward to record, per call, the phase and whether the gen expert ran."""
     bb = pipe.c.lm.language_model.model
     seen, inner = [], bb.forward
 
     def forward(x, cos_sin, routing, cache, **kw):
-        seen.append(routing.is_mixed)
+        seen.append((pipe.phase, routing.is_mixed))
         return inner(x, cos_sin, routing, cache, **kw)
 
     bb.forward = forward
     return seen
 
 
-def _spans(task, stream):
+def _spans(task, stream, markers=None):
+    """The spans of `task` (the planner's phases) with `stream` in each LLM phase."""
     from lance_deploy.runtime.residency import Span
 
-    units = LLM_UNITS + (("lm_head",) if task.startswith("x2t") else ())
-    out = [Span("llm", units, stream)]
-    if task.startswith("x2t"):
-        return [Span("encode", ("vit",))] + out
-    enc = ("vit", "vae_encoder") if task == "image_edit" else ()
-    return ([Span("encode", enc)] if enc else []) + out + [Span("vae_decode", ("vae_decoder",))]
+    x2t = task.startswith("x2t")
+    out = [Span("encode_vit", ("vit",))] if x2t or task == "image_edit" else []
+    out += [Span("encode_vae", ("vae_encoder",))] if task == "image_edit" else []
+    for name in ("prefill", "text_decode") if x2t else ("prefill", "denoise"):
+        units = LLM_UNITS + (("lm_head",) if name == "text_decode" else ())
+        out.append(Span(name, units, dict(stream), markers if name == "denoise" else None))
+    return out + ([] if x2t else [Span("vae_decode", ("vae_decoder",))])
 
 
-def _expected_stream_bytes(res, stream, forwards) -> int:
-    """What the plan counts: every forward copies each streamed layer of each expert it runs."""
-    L = res.n_layers
-    per = {e: sum(res.unit_bytes(f"{e}.{i}") for i in range(L - min(k, L), L)) for e, k in stream.items()}
-    return sum(per.get("und", 0) + (per.get("gen", 0) if mixed else 0) for mixed in forwards)
+def _expected_llm_bytes(res, spans, forwards) -> int:
+    """What the plan counts over the LLM phases: each span places the units the previous one did
+    not hold, then every forward copies each streamed layer of each expert it runs."""
+    L, total, held = res.n_layers, 0, set()
+    for span in spans:
+        resident, stream = res.layer_units(span)
+        want = {u for u in list(span.units) + resident if u in res.units}
+        total += sum(res.unit_bytes(u) for u in want - held)
+        held = want
+        per = {e: sum(res.unit_bytes(f"{e}.{i}") for i in layers) for e, layers in stream.items()}
+        total += sum(per.get("und", 0) + (per.get("gen", 0) if mixed else 0)
+                     for phase, mixed in forwards if phase == span.name)
+    return total
+
+
+def _llm_spans(pipe):
+    return [s for n, s in pipe.spans.items() if n in ("prefill", "denoise", "text_decode")]
 
 
 STREAMS = {"und_only": {"und": 2, "gen": 0}, "und1_gen1": {"und": 1, "gen": 1}, "all": {"und": 2, "gen": 2}}
@@ -90,13 +104,13 @@ def test_paged_generation_is_bit_identical(case, config, resident):
     assert (out.frames == ref.frames).all()
     if case == "t2i":
         assert len(ref.trace.v_uncond) > 0  # CFG ran
-    # exactly the bytes expected moved: the llm span's resident units once + the streamed layers per forward
-    led, span = res.ledger, pipe.spans["llm"]
-    resident_llm, _ = res.layer_units(span)
-    placed = sum(res.unit_bytes(u) for u in list(span.units) + resident_llm if u in res.units)
-    assert led.phase_moved["llm"] == placed + _expected_stream_bytes(res, stream, forwards)
-    assert any(forwards)  # the denoising queries ran the gen expert
-    assert led.phase_peak["llm"] == res.span_bytes(span)
+    # exactly the bytes expected moved: each span's new resident units once + the streamed layers per forward
+    led, spans = res.ledger, _llm_spans(pipe)
+    assert sum(led.phase_moved.get(s.name, 0) for s in spans) == _expected_llm_bytes(res, spans, forwards)
+    assert any(mixed for phase, mixed in forwards if phase == "denoise")  # the queries ran the gen expert
+    for s in spans:
+        assert led.phase_peak[s.name] <= res.span_bytes(s)
+    assert led.phase_peak["denoise"] == res.span_bytes(pipe.spans["denoise"])
     assert led.phase_moved["vae_decode"] == res.unit_bytes("vae_decoder")
 
 
@@ -110,11 +124,9 @@ def test_paged_understanding_is_bit_identical(k, resident):
     out = pipe(request_from_case(meta, g), progress=False)
     assert out.token_ids == ref.token_ids
     assert torch.equal(torch.stack(out.logits), torch.stack(ref.logits))
-    assert not any(forwards)  # x2t: und only; no gen expert is loaded
-    span = pipe.spans["llm"]
-    resident_llm, _ = res.layer_units(span)
-    placed = sum(res.unit_bytes(u) for u in list(span.units) + resident_llm)
-    assert res.ledger.phase_moved["llm"] == placed + _expected_stream_bytes(res, {"und": k}, forwards)
+    assert not any(mixed for _, mixed in forwards)  # x2t: und only; no gen expert is loaded
+    spans = _llm_spans(pipe)
+    assert sum(res.ledger.phase_moved.get(s.name, 0) for s in spans) == _expected_llm_bytes(res, spans, forwards)
 
 
 STEPS = {"t2i": [{"und": 1, "gen": 0}, {"und": 2, "gen": 0}, {"und": 2, "gen": 1}, {"und": 2, "gen": 2}],
@@ -133,13 +145,13 @@ def test_ledger_never_exceeds_budget(case, resident):
     for stream in STEPS[case]:
         pipe = _pipe(meta)
         res = pipe.attach_residency(_spans(case, stream))
-        budget = res.span_bytes(pipe.spans["llm"])
-        res.ledger.budget = max(res.span_bytes(s) for s in pipe.spans.values())  # ViT / VAE spans: whole
-        res.ledger.phase_budgets["llm"] = budget
+        res.ledger.budget = max(res.span_bytes(s) for s in pipe.spans.values())
+        for name, span in pipe.spans.items():  # each phase held to exactly what its span needs
+            res.ledger.phase_budgets[name] = res.span_bytes(span)
         out = pipe(request_from_case(meta, g), progress=False)
         led = res.ledger
-        assert led.peak <= led.budget and led.phase_peak["llm"] <= budget
-        assert set(led.phase_peak) >= {"llm"} | set(pipe.spans)
+        assert led.peak <= led.budget
+        assert set(led.phase_peak) >= set(pipe.spans)
         for name, span in pipe.spans.items():
             assert led.phase_peak[name] <= res.span_bytes(span)
         if case == "t2i":
@@ -148,10 +160,11 @@ def test_ledger_never_exceeds_budget(case, resident):
             assert out.token_ids == ref.token_ids
         res.park_all()
         assert res.ledger.current == 0
-        res.ledger.phase_budgets["llm"] = budget - 1
+        span = pipe.spans["prefill"]
+        res.ledger.phase_budgets["prefill"] = res.span_bytes(span) - 1
         with pytest.raises(BudgetExceeded):
-            res.enter(pipe.spans["llm"])
-        assert res.ledger.current <= budget
+            res.enter(span)
+        assert res.ledger.current < res.span_bytes(span)
 
 
 def test_widen_streams_until_the_span_fits():
@@ -160,7 +173,7 @@ def test_widen_streams_until_the_span_fits():
     meta, _ = load_case("t2i")
     pipe = _pipe(meta)
     res = pipe.attach_residency([])
-    start = Span("llm", LLM_UNITS, {"und": 0, "gen": 0})
+    start = Span("denoise", LLM_UNITS, {"und": 0, "gen": 0})
     # on the 2-layer tiny model two slots cost as much as the layers, so below the resident
     # size widen ends at every layer streamed (and the ledger then refuses the span)
     picked = widen(start, res, res.span_bytes(start) - 1)

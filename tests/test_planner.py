@@ -196,7 +196,8 @@ def test_ledger_never_exceeds_the_budget(infos, task):
             for x in mp.plan.phases:  # streamed + resident layers account for every expert layer
                 for e, k in x.streamed.items():
                     kept = x.resident.get(e, 0)
-                    assert kept == (x.layers[e] - k) * mp.inventory.layer_bytes(e)
+                    compact = x.marker_layers if e == "und_expert" else 0  # the marker copy's layers
+                    assert kept == (x.layers[e] - k - compact) * mp.inventory.layer_bytes(e)
         else:
             assert not fitted, f"{task} fits at a smaller budget but not at {tenths / 10} GiB"
             assert mp.suggestion and "--gpu-memory" in mp.suggestion
@@ -216,6 +217,34 @@ def test_least_streaming_and_marker_choice(infos):
     edit = _plan(infos, "image_edit", 8 * GiB)
     prefill = next(x for x in edit.plan.phases if x.name == "prefill")
     assert prefill.streamed.get("und_expert", 0) == 0  # the gen expert runs only the source split: stream it first
+
+
+def test_marker_policy_weighs_streaming_against_a_compact_copy(infos):
+    """512² at 8 GiB: streaming 30+ und layers per forward would not hide behind the small query's
+    compute, so `auto` keeps an int8 copy for the marker rows; at 768² the copies hide (est. 1.00x)
+    and streaming (exact) stays. `stream` and `int4` force the choice."""
+    from lance_deploy.runtime.planner import MARKER_TOLERANCE
+
+    def denoise(mp):
+        return next(x for x in mp.plan.phases if x.name == "denoise")
+
+    small = make_plan(infos[False], PlanRequest("t2i", 8 * GiB, 512, 512))
+    d = denoise(small)
+    assert small.fits and d.markers == "int8" and d.marker_layers > 0 and not d.streamed["und_expert"]
+    assert d.resident["und_markers_int8"] == sum(small.inventory.compact["int8"][-d.marker_layers:])
+    assert "int8 copy" in small.plan.marker_mode()
+    exact = denoise(make_plan(infos[False], PlanRequest("t2i", 8 * GiB, 512, 512, markers="stream")))
+    assert exact.markers is None and exact.streamed["und_expert"] > 0 and exact.slowdown > MARKER_TOLERANCE
+    big = denoise(_plan(infos, "t2i", 8 * GiB))
+    assert big.markers is None and big.streamed["und_expert"] > 0 and big.slowdown <= MARKER_TOLERANCE
+    forced = _plan(infos, "t2v", 12 * GiB, markers="int4")
+    assert forced.fits and denoise(forced).markers == "int4"
+    assert denoise(_plan(infos, "t2v", 16 * GiB, markers="int4")).markers is None  # resident: no copy needed
+    # an int8 copy of an int8-packed expert would save nothing: int4 is the only smaller copy
+    int8 = denoise(make_plan(infos[False], PlanRequest("t2i", 4 * GiB, 512, 512, recipe="int8", markers="int8")))
+    assert int8.markers is None and int8.streamed["und_expert"] > 0
+    int4 = denoise(make_plan(infos[False], PlanRequest("t2i", 4 * GiB, 512, 512, recipe="int8", markers="int4")))
+    assert int4.markers == "int4"
 
 
 def test_refusal_names_a_concrete_way_out(infos):

@@ -18,7 +18,7 @@ import torch
 from lance_deploy.errors import LanceError, LanceUsageError
 from lance_deploy.pipeline.tasks import TASKS
 from lance_deploy.runtime.memory_plan import MemoryPlan, ModelInfo, PlanRequest, fmt_bytes, make_plan
-from lance_deploy.runtime.planner import GiB
+from lance_deploy.runtime.planner import MARKER_POLICIES, GiB
 from lance_deploy.runtime.weights import RECIPES
 
 MARGIN = GiB  # left free under the device's free memory when no budget is given
@@ -65,7 +65,7 @@ def _tiling(value) -> bool | None:
 def plan_memory(model, task: str, height: int | None = None, width: int | None = None, frames: int | None = None,
                 gpu_memory=None, cfg: float = 4.0, dtype="bfloat16", tiling=None, *, recipe: str | None = None,
                 steps: int = 30, preset: str | None = None, flash: bool | None = None, caption_tokens: int = 256,
-                max_new_tokens: int = 256, vit=None, vae=None) -> MemoryPlan:
+                max_new_tokens: int = 256, vit=None, vae=None, markers: str = "auto") -> MemoryPlan:
     """Plan `task` on the release (or quantized artifact folder) at `model` under `gpu_memory`
     (bytes or '16GiB'; default: free device memory minus 1 GiB). Reads headers, configs and an
     artifact's manifest only."""
@@ -80,9 +80,16 @@ def plan_memory(model, task: str, height: int | None = None, width: int | None =
     info = ModelInfo.load(model, task, vit=vit, vae=vae)
     req = PlanRequest(task, budget, height, width, frames, cfg=cfg, steps=steps, dtype=dt, recipe=recipe,
                       tiling=_tiling(tiling), flash=_flash_default() if flash is None else flash,
-                      caption_tokens=caption_tokens, max_new_tokens=max_new_tokens, preset=preset)
+                      caption_tokens=caption_tokens, max_new_tokens=max_new_tokens, preset=preset,
+                      markers=markers)
     return make_plan(info, req)
 
+
+MARKERS_OPTION = click.option(
+    "--markers", type=click.Choice(MARKER_POLICIES), default="auto", show_default=True,
+    help="When the und expert does not fit while denoising, how its 2 marker rows are served: stream its layers "
+         "per step (exact), a resident int8/int4 copy, or auto (the copy only where streaming would slow a step "
+         "by more than 10%).")
 
 COLUMNS = ("weights", "buffers", "kv", "activations", "vae", "carried", "overhead", "total")
 
@@ -134,19 +141,20 @@ Examples:
 @click.option("--resolution", "preset", help="Input preset of media tasks (default: the task's).")
 @click.option("--prompt-tokens", type=int, default=256, show_default=True, help="Assumed caption length.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="x2t decode budget.")
+@MARKERS_OPTION
 @click.option("--vit", type=click.Path(), help="Qwen2.5-VL-ViT folder (default: beside the model).")
 @click.option("--vae", type=click.Path(), help="Wan2.2_VAE.pth (default: beside the model).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def memory_plan_cmd(ctx, model_path, task, height, width, frames, gpu_memory, dtype, cfg, steps, recipe, tiling,
-                    preset, prompt_tokens, max_new_tokens, vit, vae, as_json):
+                    preset, prompt_tokens, max_new_tokens, markers, vit, vae, as_json):
     """Predict peak GPU memory per phase of TASK and plan what stays resident."""
     from lance_deploy.cli.common import echo_json
 
     try:
         mp = plan_memory(model_path, task, height, width, frames, gpu_memory, cfg, dtype, tiling, recipe=recipe,
                          steps=steps, preset=preset, caption_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-                         vit=vit, vae=vae)
+                         vit=vit, vae=vae, markers=markers)
     except LanceError as e:  # one line, also when the command runs outside the `lance-deploy` group
         click.echo(f"Error: {e}", err=True)
         ctx.exit(e.exit_code)

@@ -9,6 +9,7 @@ import click
 import torch
 
 from lance_deploy.cli.common import echo_json
+from lance_deploy.cli.plan_memory import MARKERS_OPTION
 from lance_deploy.errors import LanceError
 
 TASK_CHOICES = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "x2t_image", "x2t_video")
@@ -56,9 +57,11 @@ Examples:
               help="Export folder for --backend onnxruntime/tensorrt (onnxruntime default: export into a cache).")
 @click.option("--gpu-memory", help="Device budget, e.g. 12GiB: plan residency and stream expert layers when "
               "the weights do not fit (default: everything resident).")
+@MARKERS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, backend, graphs, gpu_memory, **opts):
+def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, backend, graphs, gpu_memory, markers,
+                **opts):
     """Run TASK (t2i, t2v, i2v, image_edit, video_edit, x2t_image, x2t_video)."""
     from lance_deploy.cli.run_request import build_request, write_outputs
     from lance_deploy.pipeline.pipeline import (
@@ -78,7 +81,7 @@ def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, b
 
         budget = parse_size(gpu_memory)
         dt = resolve_dtype(opts["dtype"], resolve_device(opts["device"]))
-        plan = plan_residency(model_path, req, budget, dt, vit=vit, vae=vae)
+        plan = plan_residency(model_path, req, budget, dt, vit=vit, vae=vae, markers=markers)
     pipe = None
     try:
         pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"],

@@ -82,13 +82,18 @@ def _prefill(model: LanceLM, seq, inp: DenoiseInputs, splits, keep) -> "object":
 @torch.no_grad()
 def denoise(
     model: LanceLM, inp: DenoiseInputs, sampler: SamplerConfig, progress=None, trace: DenoiseTrace | None = None,
-    query_fn=None,
+    query_fn=None, on_phase=None,
 ) -> torch.Tensor:
     """Run the sampler; returns the final latents [n_vae, 48] (condition rows unchanged).
+
+    `on_phase(name)`, if given, is called with "prefill" before the context is cached and with
+    "denoise" before the first step (the residency manager swaps weights there).
 
     `query_fn(query, pos, cache)`, if given, replaces the step query's `forward_chunk` (e.g. the
     exported gen-layer graphs of `--backend onnxruntime`); the prefill always runs in PyTorch.
     """
+    on_phase = on_phase or (lambda name: None)
+    on_phase("prefill")
     splits = _splits(inp)
     target = next(i for i, s in enumerate(splits) if s[2] == "noise")
     t_start, t_end, _ = splits[target]
@@ -108,6 +113,7 @@ def denoise(
         modality = inp.token_modality
         uncond_cache = _prefill(model, seq, inp, prefix, keep=lambda s: int(modality[s]) != CAPTION_MODALITY)
 
+    on_phase("denoise")
     n_query = t_end - t_start
     marker_ids = inp.token_ids[[t_start, t_end - 1]]
     markers = model.embed_tokens(marker_ids)

@@ -41,8 +41,10 @@ def _frames(req: TaskRequest, notes: list) -> tuple[np.ndarray, bool]:
 
 
 @torch.no_grad()
-def encode_media(c, req: TaskRequest, device, dtype) -> EncodedMedia:
-    """Run the ViT and the VAE encoder on the request's media, as the task needs."""
+def encode_media(c, req: TaskRequest, device, dtype, on_phase=None) -> EncodedMedia:
+    """Run the ViT and the VAE encoder on the request's media, as the task needs
+    (`on_phase` is called with "encode_vit" / "encode_vae" before each)."""
+    on_phase = on_phase or (lambda name: None)
     out = EncodedMedia()
     if req.spec.media is None:
         return out
@@ -51,11 +53,13 @@ def encode_media(c, req: TaskRequest, device, dtype) -> EncodedMedia:
     if req.spec.vit:
         from lance_deploy.model.vit import patchify_video_with_merge
 
+        on_phase("encode_vit")
         px = vit_pixels(frames, vit_side, is_video)
         patches, grid = patchify_video_with_merge(px)
         out.vit_tokens = c.vit(patches.to(device, dtype), grid.to(device))
         out.vit_grids = [tuple(int(v) for v in grid[0])]
     if req.spec.vae_encoder:
+        on_phase("encode_vae")
         px = vae_pixels(frames, vae_side, is_video)
         latent, _ = c.vae.encode(px.to(device, dtype))
         if req.task == "i2v":

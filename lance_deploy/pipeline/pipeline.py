@@ -134,12 +134,13 @@ class LancePipeline:
         if paged:
             from lance_deploy.runtime.residency import spans_for
 
-            pipe.attach_residency(lambda r: spans_for(pipe.spec, memory_plan.plan, r), memory_plan.plan.budget)
+            pipe.attach_residency(lambda r: spans_for(memory_plan.plan, r), memory_plan.plan.budget)
         pipe.load_seconds = time.perf_counter() - start
         return pipe
 
     def attach_residency(self, spans, budget: int | None = None):
-        """Manage device residency by span ('encode', 'llm', 'vae_decode'): `spans` is a list of
+        """Manage device residency by span (the planner's phases: 'encode_vit', 'prefill', 'denoise',
+        ...; see `runtime.residency`): `spans` is a list of
         `runtime.residency.Span` or a function of the `ExpertResidency` returning one (so spans
         can be sized on the real weight bytes). The ledger refuses to exceed `budget` bytes."""
         from lance_deploy.runtime.pager import ByteLedger
@@ -167,8 +168,7 @@ class LancePipeline:
     def _generate(self, req: TaskRequest, progress: bool, trace: bool) -> GenerationOutput:
         timings = {"load_s": self.load_seconds}
         t0 = time.perf_counter()
-        self._enter("encode")
-        media = encode_media(self.c, req, self.device, self.dtype)
+        media = encode_media(self.c, req, self.device, self.dtype, on_phase=self._enter)
         target = self._target_grid(req, media)
         seq = build_generation_sequence(
             self.c.tokenizer, req.task, req.prompt, target_grid=target,
@@ -187,9 +187,9 @@ class LancePipeline:
         query_fn = None if self.backend is None else self.backend.query_fn(self.c.lm)  # may export graphs first
         t1 = time.perf_counter()
         rec = DenoiseTrace() if trace else None
-        self._enter("llm")
         with step_bar(req.sampler.steps, f"{req.task} denoise", progress) as tick:
-            x = denoise(self.c.lm, inp, req.sampler, progress=tick, trace=rec, query_fn=query_fn)
+            x = denoise(self.c.lm, inp, req.sampler, progress=tick, trace=rec, query_fn=query_fn,
+                        on_phase=self._enter)
         timings["denoise_s"] = time.perf_counter() - t1
         timings["s_per_step"] = timings["denoise_s"] / req.sampler.steps
         blocks = _split_blocks(x, [b.grid for b in seq.vae_blocks])
@@ -239,18 +239,16 @@ class LancePipeline:
     def _understand(self, req: TaskRequest, progress: bool) -> UnderstandingOutput:
         timings = {"load_s": self.load_seconds}
         t0 = time.perf_counter()
-        self._enter("encode")
-        media = encode_media(self.c, req, self.device, self.dtype)
+        media = encode_media(self.c, req, self.device, self.dtype, on_phase=self._enter)
         tok = self.c.tokenizer
         seq = build_understanding_sequence(tok, req.system, req.question, media.vit_grids[0], req.max_new_tokens)
         inp = UnderstandInputs(prompt_ids=seq.prompt_ids, split_lens=seq.split_lens, attn_modes=seq.attn_modes,
                                rope_pos=seq.rope_pos, vit_indexes=seq.vit_indexes, vit_tokens=media.vit_tokens)
         timings["encode_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        self._enter("llm")
         with step_bar(req.max_new_tokens, f"{req.task} decode", progress) as tick:
             res = understand(self.c.lm, inp, max_new_tokens=req.max_new_tokens, eos_id=tok.im_end,
-                             vocab_limit=len(tok), keep_logits=True, progress=tick)
+                             vocab_limit=len(tok), keep_logits=True, progress=tick, on_phase=self._enter)
         timings["decode_s"] = time.perf_counter() - t1
         ids = res.token_ids[:-1] if res.token_ids and res.token_ids[-1] == tok.im_end else res.token_ids
         return UnderstandingOutput(text=tok.decode(ids), token_ids=res.token_ids, logits=res.logits,
@@ -258,11 +256,13 @@ class LancePipeline:
 
 
 def needs_streaming(memory_plan) -> bool:
-    """Whether a plan streams any expert layer in any phase (else everything stays resident)."""
-    return any(k for p in memory_plan.plan.phases for k in p.streamed.values())
+    """Whether a plan streams any expert layer or uses a marker copy in any phase (else
+    everything stays resident)."""
+    return any(p.markers or any(p.streamed.values()) for p in memory_plan.plan.phases)
 
 
-def plan_residency(path, req: TaskRequest, gpu_memory, dtype: torch.dtype, *, vit=None, vae=None):
+def plan_residency(path, req: TaskRequest, gpu_memory, dtype: torch.dtype, *, vit=None, vae=None,
+                   markers: str = "auto"):
     """The planner's `MemoryPlan` for `req` under `gpu_memory` (headers and configs only; for a
     quantized artifact folder, its manifest's stored bytes). Raises LanceError with the planner's
     suggestion when nothing fits."""
@@ -271,7 +271,8 @@ def plan_residency(path, req: TaskRequest, gpu_memory, dtype: torch.dtype, *, vi
 
     s = req.sampler
     mp = plan_memory(path, req.task, req.height, req.width, req.frames, gpu_memory, cfg=s.cfg_scale, dtype=dtype,
-                     steps=s.steps, preset=req.preset, max_new_tokens=req.max_new_tokens, vit=vit, vae=vae)
+                     steps=s.steps, preset=req.preset, max_new_tokens=req.max_new_tokens, vit=vit, vae=vae,
+                     markers=markers)
     if not mp.fits:
         raise LanceError(f"--gpu-memory: {mp.suggestion}")
     return mp

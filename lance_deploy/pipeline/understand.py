@@ -33,12 +33,15 @@ class UnderstandResult:
 @torch.no_grad()
 def understand(
     model: LanceLM, inp: UnderstandInputs, *, max_new_tokens: int, eos_id: int, vocab_limit: int,
-    keep_logits: bool = False, progress=None,
+    keep_logits: bool = False, progress=None, on_phase=None,
 ) -> UnderstandResult:
     """Greedy decode up to `max_new_tokens` ids (stops after emitting `eos_id`).
 
     Ids >= `vocab_limit` (= len(tokenizer)) are never chosen, as upstream masks them.
+    `on_phase(name)` is called with "prefill" and then "text_decode" (residency swaps).
     """
+    on_phase = on_phase or (lambda name: None)
+    on_phase("prefill")
     ids = inp.prompt_ids
     context = ids.numel() - 1  # the last prompt token is the first decode query
     seq = model.embed_tokens(ids[:context])
@@ -54,6 +57,7 @@ def understand(
     if start < context:
         model.forward_chunk(seq[start:context], inp.rope_pos[:, start:context], cache, causal=True)
 
+    on_phase("text_decode")
     result = UnderstandResult(token_ids=[])
     token = ids[context:]
     for step in range(max_new_tokens):

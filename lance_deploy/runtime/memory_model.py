@@ -104,6 +104,19 @@ def forward_bytes(s: LLMShape, n: int, b: int, *, gen_rows: int = 0, cached: int
     return max(max(moments.values()) + rope_tables, build)
 
 
+def layer_params(s: LLMShape) -> int:
+    """Weights of one expert layer's 7 Linears: q, k, v, o and the SwiGLU's three."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return s.hidden * (2 * q + 2 * kv) + 3 * s.hidden * s.intermediate
+
+
+def forward_flops(s: LLMShape, n: int, cached: int) -> int:
+    """Multiply-adds x 2 of one forward of n query rows over `cached` + n keys (every layer):
+    the projections and MLPs, plus QKᵀ and PV. Used to estimate when layer copies hide behind
+    compute, not for memory."""
+    return s.layers * (2 * n * layer_params(s) + 4 * n * (cached + n) * s.heads * s.head_dim)
+
+
 def latent_embedding_bytes(s: LLMShape, rows: int, largest_block: int, b: int) -> int:
     """`LanceLM.embed_latents` over every latent row: the sin-cos table is built in float64
     (three [rows, ~D/3] pieces + their concatenation = 16 x D bytes per row of the block being

@@ -42,6 +42,7 @@ from lance_deploy.runtime.weights import (
     TensorEntry,
     WeightInventory,
     apply_recipe,
+    compact_layers,
     dtype_bytes,
     inventory,
     manifest_entries,
@@ -69,6 +70,7 @@ class PlanRequest:
     question_tokens: int = 64
     max_new_tokens: int = 256
     preset: str | None = None
+    markers: str = "auto"  # how the denoising marker rows reach the und expert (planner.MARKER_POLICIES)
 
 
 @dataclass
@@ -168,7 +170,11 @@ class ModelInfo:
             label = recipe or str(dtype).removeprefix("torch.")
             if recipe is None and self.manifest is not None:
                 label = f"{self.manifest.recipe.get('name') or 'artifact'} (stored) + {label}"
-            self._inventories[key] = inventory(apply_recipe(self.entries(dtype), recipe), spec, label)
+            entries = apply_recipe(self.entries(dtype), recipe)
+            inv = inventory(entries, spec, label)
+            if spec.gen:  # the marker copies the denoise phase may use instead of streaming und layers
+                inv = replace(inv, compact={f: compact_layers(entries, f) for f in ("int8", "int4")})
+            self._inventories[key] = inv
         return self._inventories[key]
 
     def dims(self, dtype: torch.dtype) -> ModelDims:
@@ -215,6 +221,8 @@ class MemoryPlan:
                         "activations": x.activations, "vae": x.vae, "carried": x.carried, "overhead": x.overhead,
                         "total": x.total, "fits": x.total <= r.budget, "resident": x.resident,
                         "streamed_layers": x.streamed, "streamed_bytes": x.streamed_bytes,
+                        "marker_copy": x.markers, "marker_layers": x.marker_layers,
+                        "est_slowdown": None if x.slowdown is None else round(x.slowdown, 3),
                         "transfer_s": round(x.transfer_s, 3), "plan": x.describe()} for x in p.phases],
             "suggestion": self.suggestion, "notes": self.notes + list(w.notes),
         }
@@ -229,7 +237,7 @@ def _plan_once(info: ModelInfo, r: PlanRequest) -> tuple[Workload, WeightInvento
     inv = info.inventory(r.task, r.dtype, r.recipe)
     # a quantized Linear may dequantize its weight per call: one [11008, 2048] scratch at the compute dtype
     extra = b * info.cfg.intermediate_size * info.cfg.hidden_size if r.recipe or info.packed else 0
-    return work, inv, plan(phase_demands(work, info.dims(r.dtype), opts), inv, r.budget, extra)
+    return work, inv, plan(phase_demands(work, info.dims(r.dtype), opts), inv, r.budget, extra, r.markers)
 
 
 def make_plan(info: ModelInfo, r: PlanRequest) -> MemoryPlan:

@@ -21,6 +21,7 @@ from lance_deploy.runtime.memory_model import (
     LLMShape,
     ViTShape,
     forward_bytes,
+    forward_flops,
     kv_cache_bytes,
     latent_embedding_bytes,
     logits_bytes,
@@ -44,6 +45,7 @@ class PhaseDemand:
     vae: int = 0
     carried: int = 0
     forwards: int = 0
+    flops: int = 0  # one forward of the phase's busiest kind (denoise: the query), for time estimates
 
     @property
     def non_weight(self) -> int:
@@ -111,7 +113,8 @@ def _denoise(work: Workload, dims: ModelDims, opts: RunOptions, carried: int) ->
     step = forward + 2 * n * s.hidden * b + 2 * N * LATENT_CHANNELS * 4  # latent rows + query; v, v_uncond
     embed = latent_embedding_bytes(s, work.vae_rows, N, b)
     uses = {"und_expert": work.forwards, "gen_expert": work.forwards}
-    return PhaseDemand("denoise", uses, ("norms_bridges",), kv, max(step, embed), 0, carried, work.forwards)
+    return PhaseDemand("denoise", uses, ("norms_bridges",), kv, max(step, embed), 0, carried, work.forwards,
+                       forward_flops(s, n, work.context_tokens))
 
 
 def phase_demands(work: Workload, dims: ModelDims, opts: RunOptions) -> list[PhaseDemand]:

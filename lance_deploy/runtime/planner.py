@@ -14,6 +14,13 @@ Predicted peak of a phase (what `torch.cuda.max_memory_reserved` should show):
     + WORKSPACE                                # cuBLAS/cuDNN workspaces
     (+ one dequantized expert weight for a quantized recipe)
 
+The two marker tokens of the denoising query need the und expert at every step. When it does
+not fit resident, the planner weighs streaming its last k layers per forward against a resident
+compact copy of them (`int8`: half of bf16, `int4`: about a quarter; see `runtime.markers`):
+streaming is exact, and free while each layer's copy hides behind the previous layer's compute,
+so `auto` keeps it unless its estimated slowdown, max(copy, compute) / compute per forward at
+`PCIE_BYTES_PER_S` and `DEVICE_FLOPS`, exceeds `MARKER_TOLERANCE`.
+
 The budget is what PyTorch may allocate: the CUDA context (~0.3-0.6 GB) is outside it; the
 default budget (free device memory minus 1 GiB) already excludes it.
 """
@@ -31,6 +38,9 @@ FRAGMENTATION = 0.10
 WORKSPACE = 64 << 20
 STREAM_BUFFERS = 2  # the layer being computed + the one being prefetched
 PCIE_BYTES_PER_S = 25e9  # pinned host->device copies, PCIe 4.0 x16 (assumption for the time estimate)
+DEVICE_FLOPS = 60e12  # bf16 GEMM throughput an RTX 4090 sustains with fp32 accumulation (assumption)
+MARKER_TOLERANCE = 1.10  # the largest estimated denoise slowdown `auto` accepts from streaming
+MARKER_POLICIES = ("auto", "stream", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,9 @@ class PhasePlan:
     overhead: int
     streamed_bytes: int  # host->GPU bytes over the whole phase
     forwards: int
+    markers: str | None = None  # compact format of the und layers the marker rows use instead
+    marker_layers: int = 0  # the last `marker_layers` und layers are that compact copy
+    flops: int = 0  # one forward (time estimates)
 
     @property
     def total(self) -> int:
@@ -60,6 +73,15 @@ class PhasePlan:
     def transfer_s(self) -> float:
         return self.streamed_bytes / PCIE_BYTES_PER_S
 
+    @property
+    def slowdown(self) -> float | None:
+        """Estimated time of one forward over the all-resident one: the copies of a forward
+        overlap its compute (prefetch), so max(copy, compute) / compute; None without flops."""
+        if not self.flops or not self.forwards:
+            return None
+        compute = self.flops / DEVICE_FLOPS
+        return max(compute, self.transfer_s / self.forwards) / compute
+
     def describe(self) -> str:
         """'gen_expert, norms_bridges resident; und_expert 36/36 layers streamed'."""
         parts = []
@@ -68,7 +90,10 @@ class PhasePlan:
             parts.append(f"{c} {self.layers[c] - k}/{self.layers[c]}" if k and c in self.layers else c)
         text = ", ".join(parts) + " resident" if parts else "nothing resident"
         streamed = [f"{e} {k}/{self.layers[e]} layers" for e, k in self.streamed.items() if k]
-        return text + ("; streamed: " + ", ".join(streamed) if streamed else "")
+        text += "; streamed: " + ", ".join(streamed) if streamed else ""
+        if self.markers:
+            text += f"; markers: und_expert {self.marker_layers}/{self.layers['und_expert']} layers as {self.markers}"
+        return text
 
 
 @dataclass
@@ -99,29 +124,41 @@ class Plan:
             return None
         if d.total > self.budget:
             return "neither resident nor streamed und_expert fits"
-        k = d.streamed.get("und_expert", 0)
-        return "und_expert resident" if k == 0 else f"und_expert streamed per forward ({k}/{d.layers['und_expert']} layers)"
+        L, k = d.layers["und_expert"], d.streamed.get("und_expert", 0)
+        if d.markers:
+            return f"und_expert {d.marker_layers}/{L} layers as a resident {d.markers} copy for the marker rows"
+        if k == 0:
+            return "und_expert resident"
+        est = f", est. {d.slowdown:.2f}x per step" if d.slowdown else ""
+        return f"und_expert streamed per forward ({k}/{L} layers{est})"
 
 
-def _phase_plan(d: PhaseDemand, inv: WeightInventory, ks: dict[str, int], extra: int) -> PhasePlan:
+def _phase_plan(d: PhaseDemand, inv: WeightInventory, ks: dict[str, int], extra: int,
+                markers: str | None = None, km: int = 0) -> PhasePlan:
+    """The phase with the last ks[e] layers of each expert streamed and, with `markers`, the last
+    `km` und layers as that compact copy (ks['und_expert'] is then 0)."""
     resident = {c: inv.components[c] for c in d.fixed if inv.components.get(c)}
     buffers = streamed_bytes = 0
     layers = {}
     for e, k in ks.items():
         per = inv.layers[e]
         layers[e] = len(per)
-        kept = sum(per[: len(per) - k])
+        kept = sum(per[: len(per) - k - (km if e == "und_expert" else 0)])
         if kept:
             resident[e] = kept
         if k:
             buffers += STREAM_BUFFERS * inv.layer_bytes(e)
             streamed_bytes += sum(per[len(per) - k:]) * d.experts[e]
+    if markers and km:
+        per = inv.compact[markers]
+        resident[f"und_markers_{markers}"] = sum(per[len(per) - km:])
     overhead = int(FRAGMENTATION * (d.activations + d.vae)) + WORKSPACE + (extra if d.experts else 0)
     return PhasePlan(d.name, resident, dict(ks), layers, sum(resident.values()), buffers, d.kv, d.activations,
-                     d.vae, d.carried, overhead, streamed_bytes, d.forwards)
+                     d.vae, d.carried, overhead, streamed_bytes, d.forwards, markers if km else None, km, d.flops)
 
 
-def plan_phase(d: PhaseDemand, inv: WeightInventory, budget: int, extra: int = 0) -> tuple[PhasePlan, int]:
+def plan_phase(d: PhaseDemand, inv: WeightInventory, budget: int, extra: int = 0,
+               markers: str = "auto") -> tuple[PhasePlan, int]:
     """The least-streaming plan of one phase that fits `budget` (or the leanest one if none
     fits), and the phase's minimum total (every expert layer streamed).
 
@@ -150,13 +187,46 @@ def plan_phase(d: PhaseDemand, inv: WeightInventory, budget: int, extra: int = 0
         if best is None or key < best[0]:
             best = (key, ks)
     leanest = _phase_plan(d, inv, {e: inv.num_layers(e) for e in experts}, extra)
-    return (_phase_plan(d, inv, best[1], extra) if best else leanest), leanest.total
+    chosen = _phase_plan(d, inv, best[1], extra) if best else leanest
+    if d.name == "denoise" and chosen.streamed.get("und_expert") and markers != "stream":
+        chosen = _marker_choice(d, inv, budget, extra, chosen, markers)
+    return chosen, leanest.total
 
 
-def plan(demands: list[PhaseDemand], inv: WeightInventory, budget: int, extra: int = 0) -> Plan:
-    """Plan every phase of a request independently (the manager swaps at phase boundaries)."""
+def _compact_plan(d: PhaseDemand, inv: WeightInventory, budget: int, extra: int, fmt: str) -> PhasePlan | None:
+    """The fitting plan with the und expert's last km layers as the `fmt` copy (no und streamed)
+    that streams the fewest gen bytes, then has the fewest compact layers; None if none fits."""
+    L, G = inv.num_layers("und_expert"), inv.num_layers("gen_expert")
+    if fmt not in inv.compact or sum(inv.compact[fmt]) >= inv.components["und_expert"]:
+        return None  # e.g. an artifact already stored at int8: an int8 copy would save nothing
+    for kg in range(G + 1):
+        for km in range(1, L + 1):
+            p = _phase_plan(d, inv, {"und_expert": 0, "gen_expert": kg} if G else {"und_expert": 0}, extra, fmt, km)
+            if p.total <= budget:
+                return p
+    return None
+
+
+def _marker_choice(d, inv, budget, extra, streamed: PhasePlan, policy: str) -> PhasePlan:
+    """`streamed` (exact) unless the policy asks for a compact copy, or `auto` finds streaming
+    slower than MARKER_TOLERANCE and a compact copy (int8 first) that fits and is faster."""
+    if policy in ("int8", "int4"):
+        return _compact_plan(d, inv, budget, extra, policy) or streamed
+    if (streamed.slowdown or 1.0) <= MARKER_TOLERANCE:
+        return streamed
+    for fmt in ("int8", "int4"):
+        p = _compact_plan(d, inv, budget, extra, fmt)
+        if p is not None and (p.slowdown or 1.0) < streamed.slowdown:
+            return p
+    return streamed
+
+
+def plan(demands: list[PhaseDemand], inv: WeightInventory, budget: int, extra: int = 0,
+         markers: str = "auto") -> Plan:
+    """Plan every phase of a request independently (the manager swaps at phase boundaries);
+    `markers` is the policy for the denoising marker rows (MARKER_POLICIES)."""
     phases, mins = [], {}
     for d in demands:
-        p, mins[d.name] = plan_phase(d, inv, budget, extra)
+        p, mins[d.name] = plan_phase(d, inv, budget, extra, markers)
         phases.append(p)
     return Plan(budget, phases, mins)

@@ -7,14 +7,15 @@ Every unit keeps a host copy (pinned on CUDA); placing it copies to the device a
 in the `ByteLedger`, parking it points the module back at the host copy (no copy back: weights
 are read-only). Expert layers the plan streams are handed to a `LayerPager` for the span.
 
-Spans follow the planner's phases where the pipeline can see the boundary:
+Spans are the planner's phases, entered by the pipeline where each begins:
 
-    generation   encode (ViT + VAE encoder, edits / i2v) -> llm (prefill + denoise) -> vae_decode
-    x2t          encode (ViT) -> llm (prefill + text_decode, with lm_head)
+    generation   [encode_vit] -> [encode_vae] -> prefill -> denoise -> vae_decode
+    x2t          encode_vit -> prefill -> text_decode
 
-Prefill and denoise share one span because their boundary sits inside `pipeline.denoise()`;
-the span streams, per expert, the most layers any of its phases streams, then more if the
-union of their resident sets would not fit next to the phases' KV caches and activations.
+so a phase that runs only the und expert (a text prefill) leaves the gen expert on the host,
+and each phase streams only what its own plan streams. In the denoise span the last k und
+layers may be a compact packed copy instead of streamed (`runtime.markers`): the planner's
+choice for the two marker tokens.
 """
 
 from __future__ import annotations
@@ -34,17 +35,21 @@ from lance_deploy.runtime.pager import (
 )
 
 PLAN_EXPERT = {"und": "und_expert", "gen": "gen_expert"}
-LLM_PHASES = ("prefill", "denoise", "text_decode")
+PHASE_UNITS = {"encode_vit": ("vit",), "encode_vae": ("vae_encoder",), "prefill": ("norms_bridges",),
+               "denoise": ("norms_bridges",), "text_decode": ("norms_bridges", "lm_head"),
+               "vae_decode": ("vae_decoder",)}
 
 
 @dataclass(frozen=True)
 class Span:
     """What one span keeps on the device: whole units, and per expert how many of its last
-    layers stream (the planner streams the last k; experts absent from `stream` are parked)."""
+    layers stream (the planner streams the last k; experts absent from `stream` are parked).
+    With `markers` ("int8" / "int4") the last k und layers are that compact copy instead."""
 
     name: str
     units: tuple[str, ...] = ()
     stream: dict = field(default_factory=dict)  # "und" / "gen" -> layers streamed (of L)
+    markers: str | None = None
 
 
 class ExpertResidency:
@@ -68,6 +73,7 @@ class ExpertResidency:
             if entries:
                 self.units[name] = entries
         self.placed: set[str] = set()
+        self.markers: dict = {}  # (format, first layer) -> MarkerCopy, built on first use
         self.pager: LayerPager | None = None
         self.span: Span | None = None
         self.park_all()
@@ -99,9 +105,14 @@ class ExpertResidency:
         resident, stream = [], {}
         for e, k in span.stream.items():
             k = min(int(k), self.n_layers)
-            stream[e] = set(range(self.n_layers - k, self.n_layers))
+            if not (span.markers and e == "und"):  # compact und layers neither stay nor stream
+                stream[e] = set(range(self.n_layers - k, self.n_layers))
             resident += [f"{e}.{i}" for i in range(self.n_layers - k) if f"{e}.{i}" in self.units]
         return resident, stream
+
+    def marker_layers(self, span: Span) -> range:
+        k = min(int(span.stream.get("und", 0)), self.n_layers) if span.markers else 0
+        return range(self.n_layers - k, self.n_layers)
 
     def span_bytes(self, span: Span) -> int:
         """The ledger's peak while `span` is entered: resident units + the pager's two slots per
@@ -116,6 +127,10 @@ class ExpertResidency:
             per = max(sum(_aligned(h.numel() * h.element_size()) for _, _, h in self.units[f"{e}.{i}"])
                       for i in layers)
             total += 2 * per
+        if span.markers:
+            from lance_deploy.runtime.markers import layer_bytes
+
+            total += sum(layer_bytes(self.backbone.layers[i], span.markers) for i in self.marker_layers(span))
         return total
 
     # -- moves ------------------------------------------------------------------------------
@@ -129,10 +144,21 @@ class ExpertResidency:
         self.ledger.set_phase(span.name)
         for u in sorted(want - self.placed, key=_unit_order):
             self._place(u)
+        if self.marker_layers(span):
+            self._marker_copy(span).attach()
         if any(stream.values()):
             self.pager = LayerPager(self.backbone, stream, self.device, self.ledger)
             self.backbone.pager = self.pager
         self.span = span
+
+    def _marker_copy(self, span: Span):
+        from lance_deploy.runtime.markers import MarkerCopy
+
+        layers = self.marker_layers(span)
+        key = (span.markers, layers.start)
+        if key not in self.markers:
+            self.markers[key] = MarkerCopy(self.backbone, layers, span.markers, self.device, self.ledger)
+        return self.markers[key]
 
     def park_all(self) -> None:
         """Everything back on the host (e.g. after the last phase, or before loading another task)."""
@@ -145,6 +171,10 @@ class ExpertResidency:
         self.span = None
 
     def _close_pager(self) -> None:
+        """Leave the current span's streaming and compact copies (the pager's slots, markers)."""
+        for m in self.markers.values():
+            if m.attached:
+                m.detach()
         if self.pager is not None:
             self.pager.close()
             self.backbone.pager = None
@@ -173,30 +203,20 @@ def _unit_order(u: str):
 
 
 # -- spans from a plan ----------------------------------------------------------------------
-def spans_for(task_spec, plan, residency: ExpertResidency | None = None) -> list[Span]:
-    """The spans of a task from a `planner.Plan` (phases by name), widened so that each span's
-    weights fit next to the non-weight bytes of the phases it merges (when `residency` is
-    given to measure the real weight bytes)."""
-    phases = {p.name: p for p in plan.phases}
+def spans_for(plan, residency: ExpertResidency | None = None) -> list[Span]:
+    """One span per phase of a `planner.Plan`: its whole units, its streamed layers and its
+    marker copy. With `residency` (the real weight bytes) each span is widened until its
+    weights fit next to the phase's planned KV, activations and carried tensors, and the
+    ledger holds the phase to that share."""
     spans = []
-    enc = tuple(u for u in ("vit", "vae_encoder") if getattr(task_spec, u))
-    if enc:
-        spans.append(Span("encode", enc))
-    llm = [phases[n] for n in LLM_PHASES if n in phases]
-    units = ("norms_bridges",) + (("lm_head",) if any(p.name == "text_decode" for p in llm) else ())
-    stream = {}
-    for short, long in PLAN_EXPERT.items():
-        if any(long in p.streamed for p in llm):
-            stream[short] = max(p.streamed.get(long, 0) for p in llm)
-    span = Span("llm", units, stream)
-    if residency is not None:
-        # the tightest merged phase decides: its KV, activations and carried tensors stay as planned
-        room = plan.budget - max(p.total - p.weights - p.buffers for p in llm)
-        span = widen(span, residency, room)
-        residency.ledger.phase_budgets["llm"] = room  # the ledger holds the span to the plan's share
-    spans.append(span)
-    if any(p.name == "vae_decode" for p in plan.phases):
-        spans.append(Span("vae_decode", ("vae_decoder",)))
+    for p in plan.phases:
+        stream = {short: p.streamed.get(long, 0) for short, long in PLAN_EXPERT.items() if long in p.layers}
+        span = Span(p.name, PHASE_UNITS[p.name], stream, p.markers)
+        if residency is not None:
+            room = plan.budget - (p.total - p.weights - p.buffers)
+            span = widen(span, residency, room)
+            residency.ledger.phase_budgets[p.name] = room
+        spans.append(span)
     return spans
 
 
@@ -210,5 +230,5 @@ def widen(span: Span, residency: ExpertResidency, room: int) -> Span:
         if e is None:
             break
         stream[e] += 1
-        span = Span(span.name, span.units, stream)
+        span = Span(span.name, span.units, stream, span.markers)
     return span

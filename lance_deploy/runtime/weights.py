@@ -28,7 +28,7 @@ fly), so it counts nowhere.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -192,6 +192,7 @@ class WeightInventory:
     components: dict[str, int]
     layers: dict[str, tuple[int, ...]]  # expert -> bytes of layer 0..L-1 (empty if not loaded)
     recipe: str  # 'bfloat16', 'float32', ... or a RECIPES name
+    compact: dict = field(default_factory=dict)  # 'int8' / 'int4' -> bytes of each und layer's marker copy
 
     @property
     def total(self) -> int:
@@ -234,10 +235,25 @@ def inventory(entries: Iterable[TensorEntry], spec: TaskSpec, recipe: str) -> We
     return WeightInventory({c: b for c, b in comps.items() if b or c in EXPERTS}, layers, recipe)
 
 
+def compact_layers(entries: Iterable[TensorEntry], fmt: str) -> tuple[int, ...]:
+    """Bytes of each und layer packed as the marker copy `fmt` (`runtime.markers`): each Linear
+    weight at the format's size where that is smaller, everything else as loaded."""
+    per: dict[int, int] = {}
+    for e in entries:
+        if e.component != "und_expert":
+            continue
+        n = e.nbytes
+        if len(e.shape) == 2 and e.name.endswith(".weight"):
+            n = min(n, recipe_bytes(e.shape, fmt) or n)
+        per[e.layer] = per.get(e.layer, 0) + n
+    return tuple(per[i] for i in sorted(per))
+
+
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
 __all__ = ["COMPONENTS", "EXPERTS", "RECIPES", "TensorEntry", "WeightInventory", "apply_recipe", "classify",
+           "compact_layers",
            "dtype_bytes", "inventory", "loads", "manifest_entries", "recipe_bytes", "release_entries",
            "safetensors_entries", "vae_entries"]

@@ -67,7 +67,7 @@ def _spans(task, stream, markers=None):
 def _expected_llm_bytes(res, spans, forwards) -> int:
     """What the plan counts over the LLM phases: each span places the units the previous one did
     not hold, then every forward copies each streamed layer of each expert it runs."""
-    L, total, held = res.n_layers, 0, set()
+    total, held = 0, set()
     for span in spans:
         resident, stream = res.layer_units(span)
         want = {u for u in list(span.units) + resident if u in res.units}

@@ -4,8 +4,6 @@ residency ledger under a sweep of budgets, refusals, and the `memory-plan` comma
 from __future__ import annotations
 
 import json
-import shutil
-import struct
 from pathlib import Path
 
 import pytest
@@ -13,10 +11,7 @@ import torch
 from click.testing import CliRunner
 from conftest import golden_root
 
-from lance_deploy.checkpoint.make_vae import vae_shapes
-from lance_deploy.checkpoint.names import expected_lance_shapes, expected_vit_shapes
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
-from lance_deploy.config import FULL_LLM
 from lance_deploy.pipeline.tasks import SPECS, TASKS
 from lance_deploy.runtime.memory_model import LLMShape, kv_bytes_per_token, kv_cache_bytes
 from lance_deploy.runtime.memory_plan import ModelInfo, PlanRequest, make_plan
@@ -33,41 +28,12 @@ VIDEO = ("t2v", "i2v", "video_edit", "x2t_video")
 # -- a full-size release made of headers only ----------------------------------------------------
 
 
-def _sparse_safetensors(path: Path, shapes: dict, tag: str, size: int) -> None:
-    """A safetensors file whose header declares `shapes`; the data region is a hole (never read)."""
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        n = size
-        for d in shape:
-            n *= d
-        header[key] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-
-
 @pytest.fixture(scope="module")
 def full_release(tmp_path_factory) -> Path:
-    """Lance_3B / Lance_3B_Video (F32, as first released), the BF16 ViT and the VAE, all at
-    release shapes, in a few KB of disk: sparse data regions, VAE tensors expanded from one value."""
-    root = tmp_path_factory.mktemp("full")
-    tok = golden_root() / "ckpt" / "Lance_3B"
-    for variant, folder in (("image", "Lance_3B"), ("video", "Lance_3B_Video")):
-        d = root / folder
-        d.mkdir()
-        for f in ("tokenizer.json", "vocab.json", "merges.txt"):
-            shutil.copyfile(tok / f, d / f)
-        (d / "llm_config.json").write_text(json.dumps(FULL_LLM.to_dict()))
-        _sparse_safetensors(d / "model.safetensors", expected_lance_shapes(FULL_LLM, variant), "F32", 4)
-    (root / "Qwen2.5-VL-ViT").mkdir()
-    (root / "Qwen2.5-VL-ViT" / "config.json").write_text(json.dumps(FULL_LLM.vision.to_dict()))
-    _sparse_safetensors(root / "Qwen2.5-VL-ViT" / "vit.safetensors", expected_vit_shapes(FULL_LLM.vision), "BF16", 2)
-    one = torch.zeros(1)  # stride-0 views: torch.save stores one float per tensor
-    torch.save({k: one.expand(s) for k, s in vae_shapes(160, 256).items()}, root / "Wan2.2_VAE.pth")
-    return root
+    """Lance_3B / Lance_3B_Video, the ViT and the VAE at release shapes, in a few KB of disk."""
+    from lance_deploy.checkpoint.headers_only import make_header_only_release
+
+    return make_header_only_release(tmp_path_factory.mktemp("full"), golden_root() / "ckpt" / "Lance_3B")
 
 
 @pytest.fixture(scope="module")

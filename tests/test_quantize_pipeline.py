@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner

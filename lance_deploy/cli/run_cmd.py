@@ -21,6 +21,7 @@ Examples:
   lance-deploy run t2v --model ckpt --prompt "Waves at dusk" --frames 49 --out waves.mp4
   lance-deploy run image_edit --model ckpt/Lance_3B --image in.png --prompt "Add snow"
   lance-deploy run x2t_image --model ckpt/Lance_3B --image cat.png --question "What animal is this?" --json
+  lance-deploy run t2v --model ckpt --prompt "Waves at dusk" --frames 121 --gpu-memory 12GiB --markers stream
 """)
 @click.argument("task", type=click.Choice(TASK_CHOICES))
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
@@ -56,7 +57,7 @@ Examples:
 @click.option("--graphs", type=click.Path(path_type=Path),
               help="Export folder for --backend onnxruntime/tensorrt (onnxruntime default: export into a cache).")
 @click.option("--gpu-memory", help="Device budget, e.g. 12GiB: plan residency and stream expert layers when "
-              "the weights do not fit (default: everything resident).")
+              "the weights do not fit (default on CUDA: free memory minus 1 GiB; on CPU: no budget).")
 @MARKERS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -76,11 +77,12 @@ def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, b
     req = build_request(task, opts)
     engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
     plan = None
-    if gpu_memory is not None:
-        from lance_deploy.cli.plan_memory import parse_size
+    device = resolve_device(opts["device"])
+    if gpu_memory is not None or device.type == "cuda":  # on CUDA the default budget is free memory - 1 GiB
+        from lance_deploy.cli.plan_memory import default_budget, parse_size
 
-        budget = parse_size(gpu_memory)
-        dt = resolve_dtype(opts["dtype"], resolve_device(opts["device"]))
+        budget = parse_size(gpu_memory) if gpu_memory is not None else default_budget()
+        dt = resolve_dtype(opts["dtype"], device)
         plan = plan_residency(model_path, req, budget, dt, vit=vit, vae=vae, markers=markers)
     pipe = None
     try:

@@ -361,6 +361,15 @@ def test_memory_plan_command(full_release):
         assert res.exit_code == 2 and "--gpu-memory is required" in res.stderr
     mp = plan_memory(full_release, "x2t_image", gpu_memory="8GiB", dtype="bfloat16")
     assert mp.fits and mp.to_dict()["phases"][-1]["name"] == "text_decode"
+    small = base + ["--task", "t2i", "--height", "512", "--width", "512", "--gpu-memory", "8GiB", "--json"]
+    for policy, copy in (("auto", "int8"), ("stream", None), ("int4", "int4")):
+        res = runner.invoke(memory_plan_cmd, small + ["--markers", policy])
+        assert res.exit_code == 0, res.output
+        denoise = json.loads(res.stdout)["phases"][1]
+        assert denoise["name"] == "denoise" and denoise["marker_copy"] == copy
+        assert (denoise["streamed_layers"]["und_expert"] > 0) == (copy is None)
+    res = runner.invoke(memory_plan_cmd, small + ["--markers", "fp4"])
+    assert res.exit_code == 2 and "--markers" in res.output
 
 
 def test_manifest_entries_feed_the_same_inventory():

@@ -211,6 +211,8 @@ def spans_for(plan, residency: ExpertResidency | None = None) -> list[Span]:
     spans = []
     for p in plan.phases:
         stream = {short: p.streamed.get(long, 0) for short, long in PLAN_EXPERT.items() if long in p.layers}
+        if p.markers:  # the span counts the compact layers where the plan would have streamed
+            stream["und"] = p.marker_layers
         span = Span(p.name, PHASE_UNITS[p.name], stream, p.markers)
         if residency is not None:
             room = plan.budget - (p.total - p.weights - p.buffers)

@@ -86,7 +86,7 @@ class PhasePlan:
         """'gen_expert, norms_bridges resident; und_expert 36/36 layers streamed'."""
         parts = []
         for c in self.resident:
-            k = self.streamed.get(c, 0)
+            k = self.streamed.get(c, 0) + (self.marker_layers if c == "und_expert" else 0)
             parts.append(f"{c} {self.layers[c] - k}/{self.layers[c]}" if k and c in self.layers else c)
         text = ", ".join(parts) + " resident" if parts else "nothing resident"
         streamed = [f"{e} {k}/{self.layers[e]} layers" for e, k in self.streamed.items() if k]

@@ -22,7 +22,7 @@ from torch import nn
 
 from lance_deploy.quant.formats import FormatError, FormatSpec, effective_weight, nbytes, quantize_rtn
 from lance_deploy.quant.qlinear import QLinear
-from lance_deploy.runtime.pager import GEN, ByteLedger, get_tensor, module_tensors, set_data, to_host
+from lance_deploy.runtime.pager import GEN, ByteLedger, get_tensor, module_tensors, park, place, set_data, to_host
 
 FORMATS = {"int8": FormatSpec("int8"), "int4": FormatSpec("int4", group_size=128)}
 """The compact formats (the same specs as the planner's hypothetical recipes of `weights.py`)."""
@@ -109,10 +109,7 @@ class MarkerCopy:
     def attach(self) -> None:
         """Copy the packed layers to the device and route the und modules through them."""
         self.ledger.alloc(("markers", self.fmt), self.nbytes)
-        for mod, attr, host in self.entries:
-            dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            dev.copy_(host, non_blocking=host.is_pinned())
-            set_data(mod, attr, dev)
+        place(self.entries, self.device)
         self.ledger.copied(self.nbytes)
         for parent, attr, _, small in self.swaps:
             setattr(parent, attr, small)
@@ -121,7 +118,6 @@ class MarkerCopy:
     def detach(self) -> None:
         for parent, attr, original, _ in self.swaps:
             setattr(parent, attr, original)
-        for mod, attr, host in self.entries:
-            set_data(mod, attr, host)
+        park(self.entries)
         self.ledger.free(("markers", self.fmt))
         self.attached = False

@@ -115,6 +115,20 @@ def to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return host
 
 
+def place(entries, device: torch.device) -> None:
+    """Point each (module, attr, host tensor) at a fresh device copy (async from pinned memory)."""
+    for mod, attr, host in entries:
+        dev = torch.empty(host.shape, dtype=host.dtype, device=device)
+        dev.copy_(host, non_blocking=host.is_pinned())
+        set_data(mod, attr, dev)
+
+
+def park(entries) -> None:
+    """Point each (module, attr, host tensor) back at its host copy (weights are read-only)."""
+    for mod, attr, host in entries:
+        set_data(mod, attr, host)
+
+
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 

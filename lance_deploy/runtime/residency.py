@@ -30,7 +30,8 @@ from lance_deploy.runtime.pager import (
     LayerPager,
     get_tensor,
     module_tensors,
-    set_data,
+    park,
+    place,
     to_host,
 )
 
@@ -166,8 +167,7 @@ class ExpertResidency:
         for u in sorted(self.placed):
             self._park(u)
         for entries in self.units.values():
-            for mod, attr, host in entries:
-                set_data(mod, attr, host)
+            park(entries)
         self.span = None
 
     def _close_pager(self) -> None:
@@ -183,16 +183,12 @@ class ExpertResidency:
     def _place(self, unit: str) -> None:
         nbytes = self.unit_bytes(unit)
         self.ledger.alloc(("unit", unit), nbytes)
-        for mod, attr, host in self.units[unit]:
-            dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            dev.copy_(host, non_blocking=host.is_pinned())
-            set_data(mod, attr, dev)
+        place(self.units[unit], self.device)
         self.ledger.copied(nbytes)
         self.placed.add(unit)
 
     def _park(self, unit: str) -> None:
-        for mod, attr, host in self.units[unit]:
-            set_data(mod, attr, host)
+        park(self.units[unit])
         self.ledger.free(("unit", unit))
         self.placed.discard(unit)
 

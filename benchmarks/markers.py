@@ -28,10 +28,10 @@ from lance_deploy.checkpoint.make import make_checkpoint
 from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
-from lance_deploy.quant.calib_data import load_prompt_set, select
+from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
 from lance_deploy.quant.metrics import sqnr_db
-from lance_deploy.runtime.memory_plan import ModelInfo, PlanRequest, make_plan
-from lance_deploy.runtime.planner import GiB
+from lance_deploy.planning.memory_plan import ModelInfo, PlanRequest, make_plan
+from lance_deploy.core.units import GiB
 from lance_deploy.runtime.residency import Span
 
 FORMATS = ("int8", "int4")

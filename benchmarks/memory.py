@@ -19,11 +19,12 @@ import time
 import numpy as np
 import torch
 
-from lance_deploy.cli.plan_memory import parse_size
-from lance_deploy.pipeline.pipeline import LancePipeline, needs_streaming, plan_residency
+from lance_deploy.core.units import parse_size
+from lance_deploy.pipeline.pipeline import LancePipeline
+from lance_deploy.planning.request import plan_residency
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
-from lance_deploy.runtime.planner import MARKER_POLICIES
+from lance_deploy.planning.planner import MARKER_POLICIES
 
 MEDIA = {"i2v": "image", "image_edit": "image", "x2t_image": "image", "video_edit": "video", "x2t_video": "video"}
 
@@ -78,7 +79,7 @@ def main() -> None:
         for policy in args.markers:
             plan = plan_residency(args.model, _request(spec, args.steps), budget, torch.bfloat16, markers=policy)
             paged = LancePipeline.from_path(args.model, task, device="cuda", dtype="bfloat16",
-                                            memory_plan=plan if needs_streaming(plan) else None)
+                                            memory_plan=plan if plan.needs_streaming() else None)
             rows.append((f"budget, markers {policy} ({plan.plan.marker_mode() or 'n/a'})",
                          _measure(paged, spec, args.steps), plan.plan.peak.total / gib))
             del paged

@@ -27,11 +27,11 @@ from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
 from lance_deploy.quant.apply import LinearJob
-from lance_deploy.quant.calib_data import load_prompt_set, select
-from lance_deploy.quant.calibrate.collect import CollectSettings, collect_programs
-from lance_deploy.quant.calibrate.record import stratified_steps
-from lance_deploy.quant.calibrate.replay import INPUT_GROUPS, gen_name
-from lance_deploy.quant.formats import FormatSpec
+from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
+from lance_deploy.calibrate.collect import CollectSettings, collect_programs
+from lance_deploy.calibrate.record import stratified_steps
+from lance_deploy.calibrate.replay import INPUT_GROUPS, gen_name
+from lance_deploy.formats import FormatSpec
 from lance_deploy.quant.layerwise import quantize_layers
 from lance_deploy.quant.metrics import sqnr_db
 
@@ -134,8 +134,8 @@ def evaluate_model(ckpt: Path, args) -> dict:
 def layer_sqnr(lm, programs) -> dict:
     """Mean per-Linear output SQNR (dB) on recorded inputs: int4 RTN vs AWQ vs nf4, same data."""
     from lance_deploy.quant.algorithms import LayerStats, awq, rtn
-    from lance_deploy.quant.calibrate.replay import observe, run_layer
-    from lance_deploy.quant.formats import effective_weight
+    from lance_deploy.calibrate.replay import observe, run_layer
+    from lance_deploy.formats import effective_weight
 
     int4, nf4 = FormatSpec("int4", group_size=64), FormatSpec("nf4")
     totals = {"int4 RTN": [], "int4 AWQ": [], "nf4": []}

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import golden_root
 
-from lance_deploy.export.artifact import ArtifactReader, ArtifactWriter, TensorDecl, group_of
-from lance_deploy.export.artifact_manifest import ArtifactError
-from lance_deploy.quant import formats
-from lance_deploy.quant.formats import FormatSpec, PackedTensor
+from lance_deploy.artifact.writer import ArtifactReader, ArtifactWriter, TensorDecl, group_of
+from lance_deploy.artifact.manifest import ArtifactError
+from lance_deploy import formats
+from lance_deploy.formats import FormatSpec, PackedTensor
 
 SPECS = {
     "blk.0.und.attn_q": FormatSpec("int4", 64),

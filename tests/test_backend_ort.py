@@ -112,7 +112,7 @@ def small_tile_export(tmp_path_factory):
 
 def test_multi_tile_decode_matches_torch_tiled_decode(small_tile_export):
     from lance_deploy.export.backend import make_backend
-    from lance_deploy.export.ort_runtime import OrtGraphs, decoder_tiling
+    from lance_deploy.runtime.graphs import OrtGraphs, decoder_tiling
     from lance_deploy.model.vae_tiling import TilingConfig, plan_tiles, tiled_decode
     from lance_deploy.pipeline.pipeline import LancePipeline
     from lance_deploy.pipeline.sampler import SamplerConfig
@@ -173,10 +173,10 @@ def test_backend_usage_errors(small_tile_export, tmp_path):
 
 
 def test_python_api_backend_names(monkeypatch, tmp_path):
+    from lance_deploy.api import load_pipeline
     from lance_deploy.export.backend import OrtBackend
-    from lance_deploy.pipeline.pipeline import LancePipeline
 
     monkeypatch.setenv("LANCE_EXPORT_CACHE", str(tmp_path))
-    assert LancePipeline.from_path(CKPT, "t2i", device="cpu", backend="torch").backend is None
-    assert isinstance(LancePipeline.from_path(CKPT, "t2i", device="cpu", backend="onnxruntime").backend, OrtBackend)
+    assert load_pipeline(CKPT, "t2i", device="cpu", backend="torch").backend is None
+    assert isinstance(load_pipeline(CKPT, "t2i", device="cpu", backend="onnxruntime").backend, OrtBackend)
     assert not any(tmp_path.iterdir())  # nothing is exported before a request needs it

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from lance_deploy.errors import LanceUsageError
-from lance_deploy.quant.calib_data import (
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.calibrate.prompt_sets import (
     FIELDS,
     MEDIA_SOURCE,
     load_prompt_set,

@@ -22,7 +22,7 @@ from lance_deploy.checkpoint.names import (LATENT_POS_KEY, check_keys, component
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
 from lance_deploy.cli import cli
 from lance_deploy.config import FULL_LLM, TINY_LLM
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 
 def _golden_root() -> Path:

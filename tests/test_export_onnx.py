@@ -22,8 +22,8 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from lance_deploy.cli.export_cmd import build_engine_cmd, export_group, verify_cmd  # noqa: E402
-from lance_deploy.errors import LanceError, LanceUsageError  # noqa: E402
-from lance_deploy.export.manifest import load_manifest, write_manifest  # noqa: E402
+from lance_deploy.core.errors import LanceError, LanceUsageError  # noqa: E402
+from lance_deploy.artifact.graph_manifest import load_manifest, write_manifest  # noqa: E402
 
 CKPT = GOLDEN / "ckpt"
 PARTS = ("gen-layer", "und-layer", "vit", "vae-decoder", "vae-encoder")
@@ -193,7 +193,7 @@ def test_reexport_same_is_allowed_and_failed_export_leaves_nothing(tmp_path, mon
 def test_ort_gen_query_matches_forward_chunk(export_dir, source):
     from lance_deploy.checkpoint.loader import load_into
     from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
-    from lance_deploy.export.ort_runtime import OrtGenQuery, OrtGraphs
+    from lance_deploy.runtime.graphs import OrtGenQuery, OrtGraphs
     from lance_deploy.model.lance import LanceLM
 
     with torch.device("meta"):
@@ -211,7 +211,7 @@ def test_ort_gen_query_matches_forward_chunk(export_dir, source):
 
 
 def test_tiled_decode_through_graphs(export_dir, source):
-    from lance_deploy.export.ort_runtime import OrtGraphs, decode_tiled
+    from lance_deploy.runtime.graphs import OrtGraphs, decode_tiled
 
     graphs, vae = OrtGraphs(export_dir), source.vae("decoder")
     one_tile = torch.randn(2, 8, 8, 48, generator=torch.Generator().manual_seed(10))
@@ -287,7 +287,7 @@ def test_verify_fails_on_a_tampered_graph(export_dir, tmp_path):
 
 
 def test_engine_metadata_mismatch_is_refused(tmp_path):
-    from lance_deploy.export.tensorrt_build import check_engine_metadata, engine_dir
+    from lance_deploy.runtime.tensorrt import check_engine_metadata, engine_dir
 
     gpu = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     meta = {"gpu": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", "tensorrt": "10.9.0"}
@@ -316,7 +316,7 @@ def test_build_engine_without_tensorrt_names_the_install(export_dir):
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
 def test_build_and_load_engine(export_dir, tmp_path):
-    from lance_deploy.export.tensorrt_build import load_engine
+    from lance_deploy.runtime.tensorrt import load_engine
 
     cache = tmp_path / "timing.cache"
     result = CliRunner().invoke(build_engine_cmd, [str(export_dir), "--precision", "fp16", "--graph", "gen-layer.00",
@@ -334,7 +334,7 @@ def test_build_and_load_engine(export_dir, tmp_path):
 
 
 def test_importing_export_code_is_lean():
-    code = ("import sys, lance_deploy.export, lance_deploy.export.manifest, lance_deploy.cli.export_cmd; "
+    code = ("import sys, lance_deploy.export, lance_deploy.artifact.graph_manifest, lance_deploy.cli.export_cmd; "
             "bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

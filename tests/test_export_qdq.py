@@ -17,8 +17,8 @@ from tests.conftest import GOLDEN
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from lance_deploy.quant.formats import FormatSpec, quantize_rtn
-from lance_deploy.quant.qlinear import QLinear
+from lance_deploy.formats import FormatSpec, quantize_rtn
+from lance_deploy.formats.qlinear import QLinear
 
 CKPT = GOLDEN / "ckpt" / "Lance_3B"
 pytestmark = pytest.mark.skipif(not CKPT.is_dir(), reason=f"golden checkpoint not found at {CKPT}")
@@ -68,7 +68,7 @@ def _export(graph, args, axes, root, name="gen-layer.01"):
 
 
 def _session(path):
-    from lance_deploy.export.ort_runtime import session_options
+    from lance_deploy.runtime.graphs import session_options
 
     return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 

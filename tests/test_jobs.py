@@ -10,8 +10,8 @@ import torch
 from conftest import golden_root
 
 from lance_deploy.checkpoint.layout import discover
-from lance_deploy.errors import LanceUsageError
-from lance_deploy.jobs import JobFingerprint, JobState, source_fingerprint
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.quant.jobs import JobFingerprint, JobState, source_fingerprint
 from lance_deploy.quant.recipe import load_recipe
 
 

@@ -19,9 +19,9 @@ def test_package_import_is_lean():
 
 
 def test_runtime_does_not_import_calibration_or_algorithms():
-    mods = _modules_after("import lance_deploy.pipeline.pipeline, lance_deploy.runtime.artifact_load, "
+    mods = _modules_after("import lance_deploy.pipeline.pipeline, lance_deploy.artifact.load, "
                           "lance_deploy.cli")
-    banned = [m for m in mods if m.startswith(("lance_deploy.quant.calibrate", "lance_deploy.quant.algorithms",
+    banned = [m for m in mods if m.startswith(("lance_deploy.calibrate", "lance_deploy.quant.algorithms",
                                                "lance_deploy.quant.quantize", "lance_deploy.quant.apply"))]
     assert not banned, banned
     assert "tensorrt" not in mods and "onnxruntime" not in mods

@@ -23,7 +23,7 @@ from lance_deploy.checkpoint.make_vae import derived_vae_shapes, vae_shapes
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
 from lance_deploy.cli import cli
 from lance_deploy.config import LLMConfig
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 
 SAFETENSORS = ["Lance_3B/model.safetensors", "Lance_3B_Video/model.safetensors", "Qwen2.5-VL-ViT/vit.safetensors"]
 

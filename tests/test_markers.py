@@ -36,7 +36,7 @@ def exact():
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_compact_bytes_equal_the_planners(fmt):
     from lance_deploy.runtime.markers import MarkerCopy, layer_bytes
-    from lance_deploy.runtime.memory_plan import ModelInfo
+    from lance_deploy.planning.memory_plan import ModelInfo
     from lance_deploy.runtime.pager import ByteLedger
 
     meta, _ = load_case("t2i")
@@ -86,16 +86,16 @@ def test_marker_copy_serves_only_the_denoise_span(fmt, exact):
 def test_planned_marker_copy_runs_end_to_end(exact):
     """A plan whose denoise phase uses the int8 copy: `from_path(memory_plan=...)` loads on the
     host, builds the spans from the plan and runs; the latents stay close to the exact ones."""
-    from lance_deploy.pipeline.pipeline import needs_streaming, plan_residency
+    from lance_deploy.planning.request import plan_residency
 
     meta, g = load_case("t2i")
     req = request_from_case(meta, g)
     mp = plan_residency(_path(meta), req, 1 << 30, torch.float32)
-    assert not needs_streaming(mp)
+    assert not mp.needs_streaming()
     phases = [dataclasses.replace(p, markers="int8", marker_layers=2) if p.name == "denoise" else p
               for p in mp.plan.phases]
     mp = dataclasses.replace(mp, plan=dataclasses.replace(mp.plan, phases=phases))
-    assert needs_streaming(mp)
+    assert mp.needs_streaming()
     pipe = _pipe(meta, memory_plan=mp)
     denoise = pipe.spans["denoise"]
     assert denoise.markers == "int8" and pipe.spans["prefill"].markers is None

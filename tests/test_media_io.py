@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lance_deploy.errors import LanceError, LanceUsageError, MediaError
+from lance_deploy.core.errors import LanceError, LanceUsageError, MediaError
 from lance_deploy.media import io as media_io
 from lance_deploy.media.io import read_image, read_video, to_uint8, write_image, write_video
 

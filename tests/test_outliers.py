@@ -15,7 +15,7 @@ from lance_deploy.checkpoint.outliers import OutlierPlan, norm_read_by, read_rec
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.cli import cli
 from lance_deploy.config import FULL_LLM, TINY_LLM
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest

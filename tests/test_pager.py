@@ -216,7 +216,7 @@ def test_run_gpu_memory_too_small_refuses(tmp_path):
     model = str(golden_root() / "ckpt" / meta["checkpoint"])
     args = ["run"] + run_args(meta, g, tmp_path) + ["--model", model, "--gpu-memory", "1MiB"]
     r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 1 and "--gpu-memory" in r.output, r.output
+    assert r.exit_code == 2 and "--gpu-memory" in r.output, r.output
 
 
 def test_oom_becomes_one_line_naming_the_phase(tmp_path, monkeypatch):

@@ -13,9 +13,9 @@ from conftest import golden_root
 
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.pipeline.tasks import SPECS, TASKS
-from lance_deploy.runtime.memory_model import LLMShape, kv_bytes_per_token, kv_cache_bytes
-from lance_deploy.runtime.memory_plan import ModelInfo, PlanRequest, make_plan
-from lance_deploy.runtime.planner import GiB
+from lance_deploy.planning.memory_model import LLMShape, kv_bytes_per_token, kv_cache_bytes
+from lance_deploy.planning.memory_plan import ModelInfo, PlanRequest, make_plan
+from lance_deploy.core.units import GiB
 
 REFERENCE = {  # task -> (height, width, frames): the issue's reference configurations
     "t2i": (768, 768, None), "image_edit": (768, 768, None), "t2v": (480, 848, 121),
@@ -68,7 +68,7 @@ def test_kv_formula_equals_a_real_cache():
     from lance_deploy.model.lance import LanceLM  # noqa: F401  (the API measured here)
     from lance_deploy.pipeline.pipeline import LancePipeline
     from lance_deploy.pipeline.sequence import build_generation_sequence
-    from lance_deploy.runtime.workload import build_workload
+    from lance_deploy.planning.workload import build_workload
 
     model = golden_root() / "ckpt" / "Lance_3B"
     pipe = LancePipeline.from_path(model, "t2i", device="cpu", dtype="float32")
@@ -189,7 +189,7 @@ def test_marker_policy_weighs_streaming_against_a_compact_copy(infos):
     """512² at 8 GiB: streaming 30+ und layers per forward would not hide behind the small query's
     compute, so `auto` keeps an int8 copy for the marker rows; at 768² the copies hide (est. 1.00x)
     and streaming (exact) stays. `stream` and `int4` force the choice."""
-    from lance_deploy.runtime.planner import MARKER_TOLERANCE
+    from lance_deploy.planning.planner import MARKER_TOLERANCE
 
     def denoise(mp):
         return next(x for x in mp.plan.phases if x.name == "denoise")
@@ -216,7 +216,7 @@ def test_marker_policy_weighs_streaming_against_a_compact_copy(infos):
 def test_refusal_names_a_concrete_way_out(infos):
     mp = _plan(infos, "t2v", 4 * GiB)
     assert not mp.fits
-    assert "denoise needs at least" in mp.suggestion and "--recipe int4" in mp.suggestion
+    assert "denoise needs at least" in mp.suggestion and "--weights int4" in mp.suggestion
     assert "--frames" in mp.suggestion and "--gpu-memory" in mp.suggestion
     untiled = _plan(infos, "t2v", int(5.0 * GiB), tiling=False)
     assert "vae_decode" in untiled.suggestion and "--vae-tiling on" in untiled.suggestion
@@ -248,7 +248,7 @@ def test_forward_activations_match_the_profiler():
 
     from lance_deploy.config import LLMConfig
     from lance_deploy.model.lance import LanceLM
-    from lance_deploy.runtime.memory_model import forward_bytes
+    from lance_deploy.planning.memory_model import forward_bytes
 
     cfg = LLMConfig(hidden_size=512, intermediate_size=2752, num_hidden_layers=1, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=64)
@@ -274,7 +274,7 @@ def test_vae_walk_matches_the_profiler_with_gpu_like_convs(monkeypatch):
 
     from lance_deploy.model.vae import WanVAE
     from lance_deploy.model.vae_tiling import TilingConfig
-    from lance_deploy.runtime.vae_memory import vae_decode_bytes, vae_encode_bytes
+    from lance_deploy.planning.vae_memory import vae_decode_bytes, vae_encode_bytes
 
     def output_only(nd):
         def conv(x, w, b=None, stride=1, padding=0, *a, **k):
@@ -304,7 +304,7 @@ def test_vit_and_latent_embedding_match_the_profiler():
     from lance_deploy.config import LLMConfig, VisionConfig
     from lance_deploy.model.lance import LanceLM
     from lance_deploy.model.vit import QwenViT, patchify_video_with_merge
-    from lance_deploy.runtime.memory_model import ViTShape, latent_embedding_bytes, vit_bytes
+    from lance_deploy.planning.memory_model import ViTShape, latent_embedding_bytes, vit_bytes
 
     vc = VisionConfig(depth=2, hidden_size=320, num_heads=4, intermediate_size=856, out_hidden_size=512,
                       fullatt_block_indexes=(1,))
@@ -328,8 +328,8 @@ def test_vit_and_latent_embedding_match_the_profiler():
 
 
 def test_parse_size():
-    from lance_deploy.cli.plan_memory import parse_size
-    from lance_deploy.errors import LanceUsageError
+    from lance_deploy.core.units import parse_size
+    from lance_deploy.core.errors import LanceUsageError
 
     assert parse_size("16GiB") == 16 << 30 and parse_size("12GB") == 12 * 10**9
     assert parse_size("8000MiB") == 8000 << 20 and parse_size("1234") == 1234 and parse_size(" 7.5 gib") == int(7.5 * GiB)
@@ -339,7 +339,8 @@ def test_parse_size():
 
 
 def test_memory_plan_command(full_release):
-    from lance_deploy.cli.plan_memory import memory_plan_cmd, plan_memory
+    from lance_deploy.cli.plan_memory import memory_plan_cmd
+    from lance_deploy.planning.request import plan_memory
 
     runner = CliRunner()
     base = ["--model", str(full_release)]
@@ -376,7 +377,7 @@ def test_manifest_entries_feed_the_same_inventory():
     """A quantized artifact's manifest (duck-typed records) gives per-component bytes directly."""
     from types import SimpleNamespace as NS
 
-    from lance_deploy.runtime.weights import inventory, manifest_entries
+    from lance_deploy.planning.weights import inventory, manifest_entries
 
     def rec(name, release, shape, fields, spec=None):
         return NS(name=name, release_name=release, shape=shape, spec=spec,
@@ -402,8 +403,8 @@ def test_runtime_imports_no_calibration_or_algorithms():
     import subprocess
     import sys
 
-    code = ("import sys, lance_deploy.runtime.memory_plan, lance_deploy.cli.plan_memory, lance_deploy.runtime.advice;"
+    code = ("import sys, lance_deploy.planning.memory_plan, lance_deploy.cli.plan_memory, lance_deploy.planning.advice;"
             "bad = [m for m in sys.modules if m.startswith(('lance_deploy.quant.algorithms', "
-            "'lance_deploy.quant.calibrate', 'lance_deploy.quant.calib'))]; print(bad); sys.exit(bool(bad))")
+            "'lance_deploy.calibrate', 'lance_deploy.quant.calib'))]; print(bad); sys.exit(bool(bad))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from conftest import golden_root
 
-from lance_deploy.cli.plan_memory import plan_memory
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.planning.request import plan_memory
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
-from lance_deploy.runtime.memory_plan import ModelInfo
-from lance_deploy.runtime.weights import EXPERTS
+from lance_deploy.planning.memory_plan import ModelInfo
+from lance_deploy.planning.weights import EXPERTS
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def artifact(tmp_path_factory):
 
 def test_artifact_weight_bytes_equal_a_real_load(artifact):
     from lance_deploy.pipeline.pipeline import LancePipeline
-    from lance_deploy.quant.qlinear import QLinear
+    from lance_deploy.formats.qlinear import QLinear
 
     pipe = LancePipeline.from_path(artifact, "t2i", device="cpu", dtype="float32")
     assert any(isinstance(m, QLinear) for m in pipe.c.lm.modules())  # really packed
@@ -61,7 +61,7 @@ def test_artifact_variant_and_missing_parts(artifact):
 
 
 def test_plan_residency_accepts_an_artifact(artifact):
-    from lance_deploy.pipeline.pipeline import plan_residency
+    from lance_deploy.planning.request import plan_residency
 
     req = TaskRequest(task="t2i", prompt="a red boat", height=64, width=64, sampler=SamplerConfig(steps=3))
     mp = plan_residency(artifact, req, "4GiB", torch.bfloat16)

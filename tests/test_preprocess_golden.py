@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from lance_deploy.errors import MediaError
+from lance_deploy.core.errors import MediaError
 from lance_deploy.media.io import to_uint8
 from lance_deploy.media.preprocess import (
     PRESETS,

@@ -106,7 +106,7 @@ def test_interrupted_quantize_resumes_byte_identical(tmp_path, monkeypatch):
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path):
-    from lance_deploy.errors import LanceUsageError
+    from lance_deploy.core.errors import LanceUsageError
 
     src = golden_root() / "ckpt" / "Lance_3B"
     recipe = _fast(load_recipe("budget-8gb"))

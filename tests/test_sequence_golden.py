@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lance_deploy.errors import CheckpointError, LanceUsageError
+from lance_deploy.core.errors import CheckpointError, LanceUsageError
 from lance_deploy.pipeline.positions import MOD_CAPTION, MOD_SOURCE, MOD_TARGET, MOD_VIT, apply_mape, rope_index
 from lance_deploy.pipeline.prompts import SYSTEM_PROMPTS
 from lance_deploy.pipeline.sequence import build_generation_sequence, build_understanding_sequence

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lance_deploy.errors import CheckpointError, LanceError
+from lance_deploy.core.errors import CheckpointError, LanceError
 from lance_deploy.model.vae import StreamCache, WanVAE, load_vae
 
 GOLDEN = Path(os.environ.get("LANCE_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))

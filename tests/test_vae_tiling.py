@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.model import vae as vae_module
 from lance_deploy.model.vae import WanVAE, load_vae
 from lance_deploy.model.vae_blocks import CausalConv3d

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 
 from lance_deploy.checkpoint import names
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 EXPERTS = ("und", "gen")
 _GEN = names.GEN_SUFFIX

@@ -13,10 +13,16 @@ from pathlib import Path
 from lance_deploy.checkpoint.layout import ReleaseLayout, discover_all
 from lance_deploy.checkpoint.loader import load_vae_state_dict
 from lance_deploy.checkpoint.make_vae import derived_vae_shapes
-from lance_deploy.checkpoint.names import (COMPONENTS, component_of, check_keys, expected_lance_shapes,
-                                           expected_vit_shapes)
+from lance_deploy.checkpoint.names import (
+    COMPONENTS,
+    check_keys,
+    component_of,
+    expected_lance_shapes,
+    expected_vit_shapes,
+)
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, dtype_tag
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
+from lance_deploy.core.units import format_bytes
 
 NOTES = {"latent_pos_embed": "regenerated at load; stored copy ignored"}
 
@@ -150,12 +156,6 @@ def report_to_dict(rep: ModelReport) -> dict:
     }
 
 
-def human_bytes(n: int) -> str:
-    """Decimal units, like the release sizes quoted in the docs (24.74 GB)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 def format_report(rep: ModelReport) -> str:
@@ -166,10 +166,10 @@ def format_report(rep: ModelReport) -> str:
                      ("vit", lay.weights_file if lay.has_bundled_vit else lay.vit_file), ("vae", lay.vae_file)):
         extra = " (bundled vit_model.*)" if label == "vit" and lay.has_bundled_vit else ""
         lines.append(f"  {label:<10}{p if p is not None else 'not found'}{extra}")
-    rows = [(c.name, f"{c.params:,}", human_bytes(c.nbytes), ",".join(sorted(c.dtypes)), c.note)
+    rows = [(c.name, f"{c.params:,}", format_bytes(si=True, n=c.nbytes), ",".join(sorted(c.dtypes)), c.note)
             for c in rep.components]
-    rows.append(("total", f"{rep.total_params:,}", human_bytes(rep.total_bytes), "", ""))
-    rows.append(("total loaded", f"{rep.loaded_params:,}", human_bytes(rep.loaded_bytes), "",
+    rows.append(("total", f"{rep.total_params:,}", format_bytes(si=True, n=rep.total_bytes), "", ""))
+    rows.append(("total loaded", f"{rep.loaded_params:,}", format_bytes(si=True, n=rep.loaded_bytes), "",
                  "without the stored latent table"))
     head = ("component", "params", "bytes", "dtypes", "note")
     w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lance_deploy.checkpoint.names import LATENT_POS_KEY, LATENT_ROWS, VIT_PREFIX
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 MODEL_DIRS = {"image": "Lance_3B", "video": "Lance_3B_Video"}
 VIT_DIR, VIT_FILE, VIT_CONFIG = "Qwen2.5-VL-ViT", "vit.safetensors", "config.json"

@@ -20,7 +20,7 @@ from torch import nn
 from lance_deploy.checkpoint.names import key_mismatches
 from lance_deploy.checkpoint.pages import drop_file_pages
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 Source = Union[SafetensorsReader, Mapping[str, torch.Tensor]]
 

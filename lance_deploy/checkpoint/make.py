@@ -29,7 +29,7 @@ from lance_deploy.checkpoint.names import LATENT_POS_KEY, expected_lance_shapes,
 from lance_deploy.checkpoint.outliers import DEFAULT_FACTOR, OutlierPlan, write_record
 from lance_deploy.checkpoint.safetensors_io import SafetensorsWriter
 from lance_deploy.config import FULL_LLM, TINY_LLM, LLMConfig
-from lance_deploy.errors import LanceError, LanceUsageError
+from lance_deploy.core.errors import LanceError, LanceUsageError
 
 
 @dataclass(frozen=True)

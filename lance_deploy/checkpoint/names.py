@@ -11,7 +11,7 @@ import re
 from typing import Mapping, Union
 
 from lance_deploy.config import LLMConfig, VisionConfig
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 Shapes = dict[str, tuple[int, ...]]
 

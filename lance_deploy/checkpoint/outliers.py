@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from lance_deploy.config import LLMConfig
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 
 DEFAULT_FACTOR = 30.0
 RECORD_FILE = "outliers.json"

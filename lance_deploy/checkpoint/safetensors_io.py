@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 # safetensors dtype tag -> (torch dtype, item size in bytes). Only tags this torch knows.
 _DTYPES: dict[str, tuple[torch.dtype, int]] = {

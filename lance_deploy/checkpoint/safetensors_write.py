@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 
 from lance_deploy.checkpoint.safetensors_io import dtype_tag, itemsize
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 _CHUNK = 64 * 1024 * 1024
 

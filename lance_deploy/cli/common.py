@@ -1,14 +1,15 @@
-"""Shared CLI plumbing: error handling, JSON output, size parsing."""
+"""Shared CLI plumbing: the one error handler and JSON output."""
 
 from __future__ import annotations
 
 import json
 import sys
 import traceback
+from collections.abc import Callable
 
 import click
 
-from lance_deploy.errors import LanceError
+from lance_deploy.core.errors import LanceError
 
 
 def _debug_requested() -> bool:
@@ -19,25 +20,45 @@ def _debug_requested() -> bool:
     return "--debug" in sys.argv
 
 
-class LanceGroup(click.Group):
-    """A Click group that maps our exceptions to one-line errors and exit codes."""
+def guarded(ctx: click.Context, call: Callable):
+    """Run `call()`, turning our exceptions into one line on stderr and their exit code
+    (1 runtime, 2 usage, 130 interrupted); `--debug` adds the traceback."""
+    try:
+        return call()
+    except LanceError as e:
+        if _debug_requested():
+            traceback.print_exc()
+        click.echo(f"Error: {e}", err=True)
+        ctx.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        ctx.exit(130)
+    except MemoryError:
+        if _debug_requested():
+            traceback.print_exc()
+        click.echo("Error: out of host memory; try --dtype bfloat16 or a smaller size.", err=True)
+        ctx.exit(1)
+
+
+class LanceCommand(click.Command):
+    """A command that handles its own errors when invoked without the `lance-deploy` group
+    (tests, embedding); under the group, the group does it."""
 
     def invoke(self, ctx: click.Context):
-        try:
+        if ctx.parent is not None:
             return super().invoke(ctx)
-        except LanceError as e:
-            if _debug_requested():
-                traceback.print_exc()
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
-        except MemoryError:
-            if _debug_requested():
-                traceback.print_exc()
-            click.echo("Error: out of host memory; try --dtype bfloat16 or a smaller size.", err=True)
-            sys.exit(1)
+        return guarded(ctx, lambda: super(LanceCommand, self).invoke(ctx))
+
+
+class LanceGroup(click.Group):
+    """A Click group whose commands' errors go through `guarded`."""
+
+    command_class = LanceCommand
+
+    def invoke(self, ctx: click.Context):
+        if ctx.parent is not None:
+            return super().invoke(ctx)
+        return guarded(ctx, lambda: super(LanceGroup, self).invoke(ctx))
 
 
 def echo_json(obj) -> None:

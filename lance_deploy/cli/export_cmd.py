@@ -6,25 +6,8 @@ from pathlib import Path
 
 import click
 
-from lance_deploy.cli.common import LanceGroup, echo_json
-from lance_deploy.errors import LanceError, LanceUsageError
-
-
-class LanceCommand(click.Command):
-    """A command that prints LanceErrors as one line with their exit code even without the root group.
-
-    Under the `lance-deploy` group the group does this (and honours --debug); invoked on its own
-    (tests, embedding) the command does it itself.
-    """
-
-    def invoke(self, ctx: click.Context):
-        if ctx.parent is not None:
-            return super().invoke(ctx)
-        try:
-            return super().invoke(ctx)
-        except LanceError as e:
-            click.echo(f"Error: {e}", err=True)
-            ctx.exit(e.exit_code)
+from lance_deploy.cli.common import LanceCommand, LanceGroup, echo_json
+from lance_deploy.core.errors import LanceError, LanceUsageError
 
 
 def _layers(value: str | None) -> tuple[int, ...] | None:

@@ -90,7 +90,7 @@ def _apply_budget(ckpt, recipe, budget, out_dir: Path, vit, vae, device, as_json
     """Resolve the budget into per-group rules; write the recipe and report beside OUT."""
     import json
 
-    from lance_deploy.cli.plan_memory import parse_size
+    from lance_deploy.core.units import parse_size
     from lance_deploy.quant.budget import format_report, resolve_budget
 
     if budget is not None:

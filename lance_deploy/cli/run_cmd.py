@@ -10,9 +10,11 @@ import torch
 
 from lance_deploy.cli.common import echo_json
 from lance_deploy.cli.plan_memory import MARKERS_OPTION
-from lance_deploy.errors import LanceError
+from lance_deploy.core.errors import LanceError
+from lance_deploy.core.tasks import TASKS, VIDEO_OUTPUT_TASKS, VIDEO_TASKS
+from lance_deploy.core.units import parse_size
 
-TASK_CHOICES = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "x2t_image", "x2t_video")
+TASK_CHOICES = TASKS
 
 
 @click.command("run", epilog="""\b
@@ -65,12 +67,8 @@ def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, b
                 **opts):
     """Run TASK (t2i, t2v, i2v, image_edit, video_edit, x2t_image, x2t_video)."""
     from lance_deploy.cli.run_request import build_request, write_outputs
-    from lance_deploy.pipeline.pipeline import (
-        LancePipeline,
-        plan_residency,
-        resolve_device,
-        resolve_dtype,
-    )
+    from lance_deploy.pipeline.pipeline import LancePipeline, resolve_device, resolve_dtype
+    from lance_deploy.planning.request import default_budget, plan_residency
 
     start = time.perf_counter()
     _check_out(task, out, opts.get("frames"))
@@ -79,8 +77,6 @@ def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, b
     plan = None
     device = resolve_device(opts["device"])
     if gpu_memory is not None or device.type == "cuda":  # on CUDA the default budget is free memory - 1 GiB
-        from lance_deploy.cli.plan_memory import default_budget, parse_size
-
         budget = parse_size(gpu_memory) if gpu_memory is not None else default_budget()
         dt = resolve_dtype(opts["dtype"], device)
         plan = plan_residency(model_path, req, budget, dt, vit=vit, vae=vae, markers=markers)
@@ -114,17 +110,16 @@ def _oom_error(phase: str, gpu_memory, err) -> LanceError:
     free = f" ({m.group(1)} was free)" if m else ""
     hint = ("a lower --gpu-memory than " + gpu_memory if gpu_memory
             else "--gpu-memory SIZE (e.g. what `lance-deploy memory-plan` says fits)")
-    return LanceError(f"out of GPU memory during {phase}{free}: try {hint}, a quantized recipe (--recipe int8 "
-                      "artifact), fewer frames or a smaller size")
+    return LanceError(f"out of GPU memory during {phase}{free}: try {hint}, a quantized artifact (`lance-deploy "
+                      "quantize MODEL --recipe int8-rtn --out DIR`, then --model DIR), fewer frames or a smaller size")
 
 
 def _backend(task, name, graphs, model_path, vit, vae, quiet):
     """The `--backend` object (None for torch), built before any weights load so its errors come first."""
     if name == "torch" and graphs is None:
         return None
-    from lance_deploy.errors import LanceUsageError
+    from lance_deploy.core.errors import LanceUsageError
     from lance_deploy.export.backend import make_backend
-    from lance_deploy.pipeline.tasks import VIDEO_TASKS
 
     if task.startswith("x2t") and name != "torch":
         raise LanceUsageError(f"--backend {name} covers the generation tasks; run {task} with --backend torch")
@@ -135,9 +130,9 @@ def _backend(task, name, graphs, model_path, vit, vae, quiet):
 
 def _check_out(task: str, out, frames) -> None:
     """Refuse an output name that cannot hold the result before any work is done."""
-    from lance_deploy.errors import LanceUsageError
+    from lance_deploy.core.errors import LanceUsageError
 
-    video = task in ("t2v", "i2v", "video_edit") and frames != 1
+    video = task in VIDEO_OUTPUT_TASKS and frames != 1
     if out is not None and video and out.suffix.lower() != ".mp4":
         raise LanceUsageError(f"--out {out}: {task} writes a video; give a .mp4 path")
     if out is not None and task.startswith("x2t") and out.suffix.lower() in (".png", ".mp4"):

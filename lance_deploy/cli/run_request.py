@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lance_deploy.errors import LanceUsageError
-from lance_deploy.fsutil import atomic_path
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.fsutil import atomic_path
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
 

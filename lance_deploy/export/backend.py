@@ -28,7 +28,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from lance_deploy.errors import LanceError, LanceUsageError
+from lance_deploy.core.errors import LanceError, LanceUsageError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 AUTO_PRESET = "image_256res"  # sets only the TensorRT profiles of a cached export; onnxruntime runs any size
@@ -66,12 +66,12 @@ class _GraphBackend:
     name = "graphs"
 
     def query_fn(self, lm) -> Callable:
-        from lance_deploy.export.ort_runtime import OrtGenQuery
+        from lance_deploy.runtime.graphs import OrtGenQuery
 
         return partial(OrtGenQuery(self.layer_graphs(lm)), lm)
 
     def decode(self, vae, latent):
-        from lance_deploy.export.ort_runtime import decode_tiled
+        from lance_deploy.runtime.graphs import decode_tiled
 
         return decode_tiled(self.decoder_graphs(latent), latent)
 
@@ -111,7 +111,7 @@ class OrtBackend(_GraphBackend):
         self.vit, self.vae, self.log = vit, vae, log
         self.fixed = None
         if graphs is not None:
-            from lance_deploy.export.ort_runtime import OrtGraphs
+            from lance_deploy.runtime.graphs import OrtGraphs
 
             self.fixed = OrtGraphs(graphs)
             _check_source(Path(graphs), self.fixed.manifest, self.source)
@@ -130,9 +130,9 @@ class OrtBackend(_GraphBackend):
 
     def _export(self, parts: tuple[str, ...], tile: tuple[int, int] | None):
         """OrtGraphs of a cache folder holding `parts`, exported unless an identical export is there."""
-        from lance_deploy.export.manifest import MANIFEST, export_identity, load_manifest
+        from lance_deploy.artifact.graph_manifest import MANIFEST, export_identity, load_manifest
         from lance_deploy.export.onnx_export import ExportRequest, export_onnx
-        from lance_deploy.export.ort_runtime import OrtGraphs
+        from lance_deploy.runtime.graphs import OrtGraphs
 
         key = (parts, tile)
         if key not in self._cached:
@@ -156,13 +156,13 @@ class TensorRTBackend(_GraphBackend):
     name = "tensorrt"
 
     def __init__(self, graphs: Path | None):
-        from lance_deploy.export.tensorrt_build import tensorrt_module
+        from lance_deploy.runtime.tensorrt import tensorrt_module
 
         tensorrt_module()  # LanceError with the install hint (exit 1) when TensorRT is absent
         if graphs is None:
             raise LanceUsageError("--backend tensorrt needs --graphs DIR: an export folder whose engines were "
                                   "built on this GPU with `lance-deploy build-engine`")
-        from lance_deploy.export.ort_runtime import TrtGraphs
+        from lance_deploy.runtime.graphs import TrtGraphs
 
         self.graphs = TrtGraphs(graphs)
 
@@ -188,7 +188,7 @@ def make_backend(name: str, model: Path, graphs: Path | None = None, vit=None, v
         raise LanceUsageError("--graphs needs --backend onnxruntime or tensorrt")
     if name == "torch":
         return None
-    from lance_deploy.runtime.artifact_load import is_artifact
+    from lance_deploy.artifact.load import is_artifact
 
     if graphs is None and is_artifact(model):
         # Its graphs would be exported from fp32 release weights and silently differ from the

@@ -26,8 +26,7 @@ from typing import Callable
 import torch
 
 import lance_deploy
-from lance_deploy.errors import LanceError, LanceUsageError
-from lance_deploy.export.manifest import (
+from lance_deploy.artifact.graph_manifest import (
     MANIFEST,
     GraphEntry,
     Manifest,
@@ -36,8 +35,10 @@ from lance_deploy.export.manifest import (
     load_manifest,
     write_manifest,
 )
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.fsutil import sha256_file
+from lance_deploy.core.optional import require
 from lance_deploy.export.parts import BUILDERS, GraphJob
-from lance_deploy.fsutil import sha256_file
 from lance_deploy.export.presets import PARTS, preset_shapes
 from lance_deploy.export.sources import open_source
 
@@ -72,13 +73,7 @@ class ExportRequest:
 
 def onnx_modules():
     """(onnx, onnxruntime) or a LanceError with the install hint."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise LanceError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing): "
-                         "pip install onnx onnxruntime-gpu  (or onnxruntime on machines without CUDA)") from None
-    return onnx, onnxruntime
+    return require("onnx"), require("onnxruntime")
 
 
 def _check_request(req: ExportRequest) -> None:
@@ -126,10 +121,7 @@ def _tensor_specs(values, onnx) -> list[TensorSpec]:
 def _trace(job: GraphJob, path: Path, exporter: str) -> None:
     kwargs = {"dynamo": False} if exporter == "torchscript" else {"dynamo": True, "optimize": True}
     if exporter == "dynamo":
-        try:
-            import onnxscript  # noqa: F401
-        except ImportError:
-            raise LanceError("--exporter dynamo needs onnxscript: pip install onnxscript") from None
+        require("onnxscript")
     with warnings.catch_warnings(), torch.no_grad():
         # Tracer / deprecation chatter only; dynamic-shape mistakes are caught by verify instead.
         warnings.simplefilter("ignore")
@@ -156,7 +148,7 @@ def _pin_static_outputs(model, job: GraphJob) -> None:
 
 def export_graph(job: GraphJob, root: Path, preset: str, exporter: str) -> GraphEntry:
     """Trace one job into root/graphs/<name>.onnx (+ .onnx.data) and describe it."""
-    from lance_deploy.quant.qlinear import QLinear
+    from lance_deploy.formats.qlinear import QLinear
 
     if any(isinstance(m, QLinear) for m in job.module.modules()):  # quantized weights: Q/DQ graph
         from lance_deploy.export.qdq import export_qdq_graph

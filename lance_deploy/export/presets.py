@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 
 PARTS = ("gen-layer", "und-layer", "vit", "vae-decoder", "vae-encoder")
 ASPECTS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")  # = preprocess.ASPECT_RATIOS, upstream order

@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lance_deploy.quant.qlinear import QLinear
+from lance_deploy.formats.qlinear import QLinear
 
 if TYPE_CHECKING:
-    from lance_deploy.export.manifest import GraphEntry
+    from lance_deploy.artifact.graph_manifest import GraphEntry
     from lance_deploy.export.parts import GraphJob
 
 DOMAIN = "lance_qdq"
@@ -258,8 +258,8 @@ def _weight(b: _Builder, q: QLinear) -> str:
     """The float [in, out] weight, as DequantizeLinear (or the nf4 lookup) of the stored codes."""
     from onnx import TensorProto as TP
 
-    from lance_deploy.quant.formats.int4 import SYM_ZERO, unpack_nibbles
-    from lance_deploy.quant.formats.nf4 import code_table
+    from lance_deploy.formats.int4 import SYM_ZERO, unpack_nibbles
+    from lance_deploy.formats.nf4 import code_table
 
     p, name = q.packed, q.spec.name
     if name in ("int8", "fp8_e4m3"):
@@ -293,7 +293,7 @@ def _quantize_activations(b: _Builder, x: str, q: QLinear) -> str:
     """Per-token symmetric Q -> DQ of 2-D x [n, in], as `formats.{int8,fp8}.quantize_activations`."""
     from onnx import TensorProto as TP
 
-    from lance_deploy.quant.formats import fp8, int8
+    from lance_deploy.formats import fp8, int8
 
     qmax, to = (int8.QMAX, TP.INT8) if q.spec.name == "int8" else (fp8.FP8_MAX, TP.FLOAT8E4M3FN)
     absmax = b.op("ReduceMax", [b.op("Abs", [x]), b.array("axes", np.array([-1], np.int64))], keepdims=1)

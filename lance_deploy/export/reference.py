@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lance_deploy.export.manifest import GraphEntry
+from lance_deploy.artifact.graph_manifest import GraphEntry
 from lance_deploy.export.parts import LATENT_CHANNELS, layer_inputs
 from lance_deploy.export.sources import Source
 

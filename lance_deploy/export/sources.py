@@ -18,7 +18,7 @@ from lance_deploy.checkpoint.layout import ReleaseLayout, discover
 from lance_deploy.checkpoint.loader import load_into
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.config import LLMConfig, VisionConfig
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 
 HEAD_BYTES = 1 << 20  # fingerprint: size + sha256 of the first MiB (covers a safetensors header)
 
@@ -97,7 +97,7 @@ class ArtifactSource:
         return self.cfg.vision
 
     def _reader(self):
-        from lance_deploy.export.artifact_reader import ArtifactReader
+        from lance_deploy.artifact.reader import ArtifactReader
 
         return ArtifactReader(self.path)
 
@@ -107,9 +107,9 @@ class ArtifactSource:
                 "files": [_file_fingerprint(manifest)]}
 
     def layer(self, index: int, with_gen: bool):
+        from lance_deploy.artifact.load import load_module
         from lance_deploy.checkpoint import canonical as cn
         from lance_deploy.model.mot import MoTLayer
-        from lance_deploy.runtime.artifact_load import load_module
 
         if not 0 <= index < self.cfg.num_hidden_layers:
             raise LanceUsageError(f"--layers {index}: the model has layers 0..{self.cfg.num_hidden_layers - 1}")
@@ -120,12 +120,12 @@ class ArtifactSource:
         return layer.eval()
 
     def vit(self):
-        from lance_deploy.runtime.artifact_load import load_artifact_vit
+        from lance_deploy.artifact.load import load_artifact_vit
 
         return load_artifact_vit(self._reader(), self.cfg, torch.float32, "cpu")
 
     def vae(self, part: str):
-        from lance_deploy.runtime.artifact_load import load_artifact_vae
+        from lance_deploy.artifact.load import load_artifact_vae
 
         return load_artifact_vae(self._reader(), (part,), torch.float32, "cpu")
 
@@ -133,7 +133,7 @@ class ArtifactSource:
 def open_source(model: str | Path, vit: str | Path | None = None, vae: str | Path | None = None):
     """Locate and describe a checkpoint or quantized artifact; a missing or malformed one is a usage
     error (exit 2)."""
-    from lance_deploy.runtime.artifact_load import is_artifact
+    from lance_deploy.artifact.load import is_artifact
 
     if is_artifact(model):
         return ArtifactSource(Path(model), LLMConfig.from_file(Path(model) / "llm_config.json"))

@@ -15,12 +15,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lance_deploy.errors import LanceError, LanceUsageError
-from lance_deploy.export.manifest import GraphEntry, Manifest, load_manifest, safe_relative, write_manifest
-from lance_deploy.fsutil import sha256_file
+from lance_deploy.artifact.graph_manifest import GraphEntry, Manifest, load_manifest, safe_relative, write_manifest
+from lance_deploy.core.errors import LanceError, LanceUsageError
+from lance_deploy.core.fsutil import sha256_file
 from lance_deploy.export.onnx_export import onnx_modules
 from lance_deploy.export.reference import CHECKS, Comparison
 from lance_deploy.export.sources import Source, open_source
+from lance_deploy.runtime.graphs import providers, session_options
 
 FP32_REL_TOL = 1e-4
 
@@ -33,12 +34,6 @@ class VerifyResult:
     failed: list[str]
 
 
-def providers() -> list[tuple[str, dict]]:
-    """CUDA (TF32 off, so fp32 stays fp32) when a GPU is visible, else the CPU provider."""
-    _, ort = onnx_modules()
-    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-        return [("CUDAExecutionProvider", {"use_tf32": "0"}), ("CPUExecutionProvider", {})]
-    return [("CPUExecutionProvider", {})]
 
 
 def check_integrity(root: Path, manifest: Manifest) -> None:
@@ -62,8 +57,6 @@ class SessionPool:
         if entry.name not in self.sessions:
             _, ort = onnx_modules()
             path = str(safe_relative(self.root, entry.file, entry.name))
-            from lance_deploy.export.ort_runtime import session_options  # (ort_runtime imports this module)
-
             session = ort.InferenceSession(path, session_options(), providers=[p for p, _ in providers()],
                                            provider_options=[o for _, o in providers()])
             self.sessions[entry.name], self.used[entry.name] = session, session.get_providers()[0]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lance_deploy.errors import LanceError, LanceUsageError, MediaError
+from lance_deploy.core.errors import LanceError, LanceUsageError, MediaError
 
 # Frame-folder members we read; anything else (a .txt, a hidden file) is ignored.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lance_deploy.errors import MediaError
+from lance_deploy.core.errors import MediaError
 
 # Upstream's bucket aspect ratios, in upstream order (the order decides ties).
 ASPECT_RATIOS: tuple[str, ...] = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lance_deploy.errors import CheckpointError, LanceError
+from lance_deploy.core.errors import CheckpointError, LanceError
 from lance_deploy.model.vae_blocks import (
     AttentionBlock,
     CausalConv3d,

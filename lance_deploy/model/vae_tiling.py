@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.model.vae_blocks import StreamCache
 
 if TYPE_CHECKING:  # vae.py imports this module; the reverse import is for type hints only

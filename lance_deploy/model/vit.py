@@ -17,7 +17,6 @@ Pipeline, per call:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -21,6 +21,7 @@ from lance_deploy.model.lance import LanceLM
 from lance_deploy.pipeline.tasks import TaskSpec
 from lance_deploy.pipeline.tokenizer import LanceTokenizer
 
+
 @dataclass
 class Components:
     """What one task runs on."""
@@ -80,8 +81,8 @@ def load_artifact_components(path, spec: TaskSpec, *, dtype: torch.dtype, device
     """The same components from a quantized artifact folder (checksums verified first)."""
     from pathlib import Path
 
-    from lance_deploy.export.artifact_reader import ArtifactReader
-    from lance_deploy.runtime.artifact_load import load_artifact_lm, load_artifact_vae, load_artifact_vit
+    from lance_deploy.artifact.load import load_artifact_lm, load_artifact_vae, load_artifact_vit
+    from lance_deploy.artifact.reader import ArtifactReader
 
     path = Path(path)
     reader = ArtifactReader(path)

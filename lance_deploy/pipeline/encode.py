@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.media.preprocess import PRESETS, sample_frame_indices, vae_pixels, vit_pixels
 from lance_deploy.pipeline.tasks import TaskRequest
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.tasks import EDIT_TASKS
 from lance_deploy.pipeline.positions import MOD_CAPTION, MOD_SOURCE, MOD_TARGET, MOD_TEMPLATE, MOD_VIT
 from lance_deploy.pipeline.prompts import RESERVED_MARKERS, SYSTEM_PROMPTS
 from lance_deploy.pipeline.tokenizer import LanceTokenizer
 
-EDIT_TASKS = ("image_edit", "video_edit")
 BLOCK_ATTN_MODE = {"vit": "full", "source": "full_noise", "target": "noise"}
 BLOCK_MODALITY = {"vit": MOD_VIT, "source": MOD_SOURCE, "target": MOD_TARGET}
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lance_deploy.artifact.load import is_artifact
 from lance_deploy.checkpoint.layout import discover
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.pipeline.components import (
     Components,
     load_artifact_components,
@@ -37,7 +38,6 @@ from lance_deploy.pipeline.tasks import (
     union_spec,
 )
 from lance_deploy.pipeline.understand import UnderstandInputs, understand
-from lance_deploy.runtime.artifact_load import is_artifact
 
 LATENT_CHANNELS = 48
 
@@ -101,10 +101,10 @@ class LancePipeline:
                   dtype=None, backend=None, memory_plan=None) -> LancePipeline:
         """Discover the release layout under `path` and load what `task` (or every task of a tuple) needs.
 
-        `backend`: None / "torch", "onnxruntime" (graphs exported into a cache on first use) or
-        a backend object from `lance_deploy.export.backend.make_backend`.
-        `memory_plan`: a `runtime.memory_plan.MemoryPlan` (see `plan_residency`); when it streams
-        any expert layer the weights load on the host and move to the device phase by phase.
+        `backend`: None / "torch", or a backend object from `lance_deploy.export.backend.make_backend`
+        (`lance_deploy.api.load_pipeline` takes the names "onnxruntime" / "tensorrt").
+        `memory_plan`: a `planning.memory_plan.MemoryPlan` (see `planning.request.plan_residency`); when
+        it streams any expert layer the weights load on the host and move to the device phase by phase.
         """
         tasks = (task,) if isinstance(task, str) else tuple(task)
         for t in tasks:
@@ -113,7 +113,7 @@ class LancePipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
-        paged = memory_plan is not None and needs_streaming(memory_plan)
+        paged = memory_plan is not None and memory_plan.needs_streaming()
         load_dev = torch.device("cpu") if paged else dev  # the residency manager places them later
         video = any(t in VIDEO_TASKS for t in tasks)
         if is_artifact(path):
@@ -126,10 +126,11 @@ class LancePipeline:
         if video and components.variant != "video":
             raise LanceUsageError(
                 f"{', '.join(tasks)} needs the video model (Lance_3B_Video), but {path} holds the image model")
-        if isinstance(backend, str):
-            from lance_deploy.export.backend import make_backend
-
-            backend = make_backend(backend, model_dir, vit=vit, vae=vae)
+        if backend == "torch":
+            backend = None
+        elif isinstance(backend, str):
+            raise LanceUsageError(f"backend {backend!r}: pass a backend object, or use "
+                                  "lance_deploy.api.load_pipeline(..., backend=...) for a name")
         pipe = cls(components, tasks, dev, dt, backend)
         if paged:
             from lance_deploy.runtime.residency import spans_for
@@ -255,27 +256,6 @@ class LancePipeline:
                                    timings=timings, notes=req.notes + media.notes)
 
 
-def needs_streaming(memory_plan) -> bool:
-    """Whether a plan streams any expert layer or uses a marker copy in any phase (else
-    everything stays resident)."""
-    return any(p.markers or any(p.streamed.values()) for p in memory_plan.plan.phases)
-
-
-def plan_residency(path, req: TaskRequest, gpu_memory, dtype: torch.dtype, *, vit=None, vae=None,
-                   markers: str = "auto"):
-    """The planner's `MemoryPlan` for `req` under `gpu_memory` (headers and configs only; for a
-    quantized artifact folder, its manifest's stored bytes). Raises LanceError with the planner's
-    suggestion when nothing fits."""
-    from lance_deploy.cli.plan_memory import plan_memory
-    from lance_deploy.errors import LanceError
-
-    s = req.sampler
-    mp = plan_memory(path, req.task, req.height, req.width, req.frames, gpu_memory, cfg=s.cfg_scale, dtype=dtype,
-                     steps=s.steps, preset=req.preset, max_new_tokens=req.max_new_tokens, vit=vit, vae=vae,
-                     markers=markers)
-    if not mp.fits:
-        raise LanceError(f"--gpu-memory: {mp.suggestion}")
-    return mp
 
 
 def _split_blocks(x: torch.Tensor, grids) -> list[torch.Tensor]:

@@ -22,9 +22,15 @@ from typing import NamedTuple
 
 import torch
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.pipeline.layout import (
-    BlockSpec, Layout, check_user_text, generation_blocks, lay_out, split_starts, vit_block,
+    BlockSpec,
+    Layout,
+    check_user_text,
+    generation_blocks,
+    lay_out,
+    split_starts,
+    vit_block,
 )
 from lance_deploy.pipeline.positions import apply_mape, rope_index
 from lance_deploy.pipeline.prompts import render_generation_prompt, render_understanding_prompt

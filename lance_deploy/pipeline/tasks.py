@@ -6,13 +6,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.tasks import (  # noqa: F401  (re-exported: the vocabulary)
+    GENERATION_TASKS,
+    OUTPUT_FRAME_TASKS,
+    TASKS,
+    UNDERSTANDING_TASKS,
+    VIDEO_TASKS,
+)
 from lance_deploy.pipeline.sampler import SamplerConfig
 
-GENERATION_TASKS = ("t2i", "t2v", "i2v", "image_edit", "video_edit")
-UNDERSTANDING_TASKS = ("x2t_image", "x2t_video")
-TASKS = GENERATION_TASKS + UNDERSTANDING_TASKS
-VIDEO_TASKS = ("t2v", "i2v", "video_edit", "x2t_video")
 MAX_FRAMES = 121  # upstream max_num_frames: 31 latent frames
 SPATIAL_STRIDE = 16  # VAE 16x spatial compression
 TEMPORAL_STRIDE = 4
@@ -110,7 +113,7 @@ class TaskRequest:
         self._validate_sampler()
         if self.task in ("t2i", "t2v"):
             self._validate_size()
-        if self.task in ("t2v", "i2v"):
+        if self.task in OUTPUT_FRAME_TASKS:
             self._validate_frames()
         return self
 

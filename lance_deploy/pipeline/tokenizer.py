@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lance_deploy.errors import CheckpointError
+from lance_deploy.core.errors import CheckpointError
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

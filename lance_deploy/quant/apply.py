@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lance_deploy.calibrate.replay import INPUT_GROUPS, gen_name
+from lance_deploy.formats import FormatSpec, PackedTensor
+from lance_deploy.formats.qlinear import QLinear
 from lance_deploy.model.mot import MoTLayer
 from lance_deploy.quant.algorithms import awq, gptq, rtn, smoothquant
 from lance_deploy.quant.algorithms.awq import awq_group
 from lance_deploy.quant.algorithms.scaling import fold_into_norm
 from lance_deploy.quant.algorithms.smoothquant import smoothquant_group
 from lance_deploy.quant.algorithms.stats import LayerStats
-from lance_deploy.quant.calibrate.replay import INPUT_GROUPS, gen_name
-from lance_deploy.quant.formats import FormatSpec, PackedTensor
-from lance_deploy.quant.qlinear import QLinear
 
 NORM_OF_GROUP = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"}
 CALIBRATED = ("awq", "gptq", "smoothquant")

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lance_deploy.errors import LanceUsageError
-from lance_deploy.quant.calibration_config import CalibrationConfig
-from lance_deploy.quant.plan import QuantPlan, _gib, resolve_plan
+from lance_deploy.calibrate.config import CalibrationConfig
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.schema import parse_size
+from lance_deploy.core.units import format_bytes
+from lance_deploy.quant.plan import QuantPlan, resolve_plan
 from lance_deploy.quant.recipe import BudgetConfig, Recipe
-from lance_deploy.quant.recipe_schema import parse_size
 from lance_deploy.quant.rule import QuantChoice, QuantRule
 from lance_deploy.quant.sensitivity import Group, SensitivityTable, groups_of, measure
 
@@ -205,8 +206,8 @@ class BudgetProblem:
         n = parse_size(budget, "budget")
         if n < self.min_bytes:
             raise BudgetError(f"budget {budget} ({n:,} bytes) is below the smallest plan these candidates allow: "
-                              f"{_gib(self.min_bytes)} ({self.min_bytes:,} bytes: the smallest candidate in every "
-                              f"group plus {_gib(self.fixed_bytes)} of tensors outside the decoder groups); raise "
+                              f"{format_bytes(self.min_bytes)} ({self.min_bytes:,} bytes: the smallest candidate in every "
+                              f"group plus {format_bytes(self.fixed_bytes)} of tensors outside the decoder groups); raise "
                               "the budget or add a smaller candidate")
         return n
 
@@ -278,8 +279,8 @@ def format_report(r: BudgetResult) -> str:
     head = f"{'group':<18} {'format':<26} {'local':>10} {'gain':>8} {'weighted':>10} {'bytes':>12}"
     rows = [f"{c.group.label:<18} {c.format:<26} {c.local:>10.3e} {c.gain:>8.3f} {c.error:>10.3e} {c.bytes:>12,}"
             for c in r.choices]
-    totals = (f"plan {_gib(r.plan.total_bytes)} ({r.plan.total_bytes:,} bytes) within budget "
-              f"{_gib(r.budget_bytes)}; achievable {_gib(r.min_bytes)} .. {_gib(r.max_bytes)}; "
-              f"fixed (outside decoder groups) {_gib(r.fixed_bytes)}")
+    totals = (f"plan {format_bytes(r.plan.total_bytes)} ({r.plan.total_bytes:,} bytes) within budget "
+              f"{format_bytes(r.budget_bytes)}; achievable {format_bytes(r.min_bytes)} .. {format_bytes(r.max_bytes)}; "
+              f"fixed (outside decoder groups) {format_bytes(r.fixed_bytes)}")
     return "\n".join([head, *rows, "", totals,
                       f"estimated final relative squared error {r.total_error:.3e}"])

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lance_deploy.calibrate.collect import TEXT_FIELD
+from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
+from lance_deploy.calibrate.record import recording
+from lance_deploy.calibrate.replay import run_layer
+from lance_deploy.core.tasks import OUTPUT_FRAME_TASKS
 from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import GENERATION_TASKS, TaskRequest
-from lance_deploy.quant.calib_data import load_prompt_set, select
-from lance_deploy.quant.calibrate.collect import TEXT_FIELD
-from lance_deploy.quant.calibrate.record import recording
-from lance_deploy.quant.calibrate.replay import run_layer
 from lance_deploy.quant.metrics import cosine, psnr_db, sqnr_db
 
 
@@ -64,7 +65,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 def _request(task: str, text: str, i: int, s: EvalSettings, media) -> TaskRequest:
     req = TaskRequest(task=task, seed=s.seed + i, sampler=SamplerConfig(steps=s.steps), height=s.height,
-                      width=s.width, frames=s.frames if task in ("t2v", "i2v") else None,
+                      width=s.width, frames=s.frames if task in OUTPUT_FRAME_TASKS else None,
                       max_new_tokens=s.max_new_tokens, preset="image_256res")
     if task.startswith("x2t"):
         req.question = text

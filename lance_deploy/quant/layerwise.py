@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from lance_deploy.calibrate.record import Program
+from lance_deploy.calibrate.replay import INPUT_GROUPS, gen_name, observe, run_layer
 from lance_deploy.config import LLMConfig
 from lance_deploy.model.mot import MoTLayer
 from lance_deploy.quant.algorithms.stats import LayerStats
 from lance_deploy.quant.apply import CALIBRATED, LayerResult, LinearJob, install, quantize_layer
-from lance_deploy.quant.calibrate.record import Program
-from lance_deploy.quant.calibrate.replay import INPUT_GROUPS, gen_name, observe, run_layer
 
 
 def _stats_factory(layer: MoTLayer, jobs: dict[str, LinearJob], stats: dict, reservoir: int):

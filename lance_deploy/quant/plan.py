@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lance_deploy import formats
 from lance_deploy.checkpoint import canonical as cn
-from lance_deploy.quant import formats
-from lance_deploy.quant.formats import FormatSpec
+from lance_deploy.core.units import format_bytes
+from lance_deploy.formats import FormatSpec
 from lance_deploy.quant.recipe import Recipe, RecipeError
 from lance_deploy.quant.rule import QuantRule
 
@@ -184,11 +185,6 @@ def resolve_plan(shapes: Mapping[str, tuple[int, ...]], recipe: Recipe) -> Quant
     return QuantPlan(recipe, tuple(entries.values()), unused)
 
 
-def _gib(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 def _label(e: PlanEntry) -> str:
@@ -203,7 +199,7 @@ def format_plan(plan: QuantPlan) -> str:
     """One line per tensor (name, shape, format, algorithm, rule, bytes), then the totals."""
     r = plan.recipe
     rows = [(e.name, "x".join(map(str, e.shape)), _label(e), e.algorithm,
-             "default" if e.rule_index is None else f"rules[{e.rule_index}]", _gib(e.bytes)) for e in plan.entries]
+             "default" if e.rule_index is None else f"rules[{e.rule_index}]", format_bytes(e.bytes)) for e in plan.entries]
     head = ("tensor", "shape", "format", "algorithm", "rule", "bytes")
     w = [max(len(x[i]) for x in rows + [head]) for i in range(6)]
     def line(x: tuple[str, ...]) -> str:
@@ -213,10 +209,10 @@ def format_plan(plan: QuantPlan) -> str:
              "first matching rule wins")
     out = [title, "", line(head)] + [line(x) for x in rows] + [""]
     for key in ("expert", "component", "format"):
-        parts = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(plan.by(key).items()))
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(plan.by(key).items()))
         out.append(f"by {key}: {parts}")
     ratio = plan.total_bytes / plan.bf16_bytes if plan.bf16_bytes else 1.0
-    out.append(f"total: {_gib(plan.total_bytes)} ({plan.total_bytes:,} bytes; bf16 {_gib(plan.bf16_bytes)}, "
+    out.append(f"total: {format_bytes(plan.total_bytes)} ({plan.total_bytes:,} bytes; bf16 {format_bytes(plan.bf16_bytes)}, "
                f"x{ratio:.3f})")
     if r.budget is not None:
         fits = "fits" if plan.total_bytes <= r.budget.target_bytes else "EXCEEDS"

@@ -16,16 +16,17 @@ from pathlib import Path
 import torch
 
 from lance_deploy import __version__
+from lance_deploy.artifact.writer import ArtifactWriter
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.checkpoint.layout import discover
 from lance_deploy.checkpoint.loader import load_into, load_vae_state_dict
 from lance_deploy.checkpoint.pages import drop_file_pages
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
-from lance_deploy.export.artifact import ArtifactWriter
-from lance_deploy.jobs import JobFingerprint, JobState, source_fingerprint
+from lance_deploy.core.tasks import VIDEO_TASKS
+from lance_deploy.formats import PackedTensor
 from lance_deploy.model.mot import MoTLayer
 from lance_deploy.quant.apply import LinearJob
-from lance_deploy.quant.formats import PackedTensor
+from lance_deploy.quant.jobs import JobFingerprint, JobState, source_fingerprint
 from lance_deploy.quant.layerwise import quantize_one_layer
 from lance_deploy.quant.plan import QuantPlan, resolve_plan
 from lance_deploy.quant.recipe import Recipe
@@ -225,7 +226,7 @@ def _calibration_summary(programs, recipe: Recipe) -> dict:
 
 
 def _calibration_programs(layout, recipe: Recipe, job: JobState, device, progress: bool):
-    from lance_deploy.quant.calibrate.store import load_programs, save_programs
+    from lance_deploy.calibrate.store import load_programs, save_programs
 
     if job.is_done("calibration"):
         return load_programs(*job.load_step("calibration"))
@@ -237,10 +238,9 @@ def _calibration_programs(layout, recipe: Recipe, job: JobState, device, progres
 
 def collect_calibration(layout, c, device, progress: bool):
     """Record the programs of calibration config `c` (video tasks only on the video variant)."""
-    from lance_deploy.quant.calibrate.collect import CollectSettings, collect_programs
+    from lance_deploy.calibrate.collect import CollectSettings, collect_programs
 
-    tasks = tuple(t for t in c.tasks if layout.variant == "video" or t not in ("t2v", "i2v", "video_edit",
-                                                                                "x2t_video"))
+    tasks = tuple(t for t in c.tasks if layout.variant == "video" or t not in VIDEO_TASKS)
     settings = CollectSettings(tasks=tasks, samples_per_task=c.samples_per_task, steps=c.steps,
                                keep_steps=tuple(c.step_indices()), cfg_branches=tuple(c.cfg_branches),
                                height=c.height, width=c.width, frames=c.frames, seed=c.seed,

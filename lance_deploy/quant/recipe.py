@@ -23,9 +23,10 @@ from typing import Any
 
 import yaml
 
-from lance_deploy.quant.calibration_config import CalibrationConfig
-from lance_deploy.quant.formats.base import ACTIVATION_MODES, FORMAT_NAMES, FormatError
-from lance_deploy.quant.recipe_schema import RecipeError, check_keys, expect, fail, one_of, parse_size
+from lance_deploy.calibrate.config import CalibrationConfig
+from lance_deploy.core.schema import SchemaError as RecipeError
+from lance_deploy.core.schema import check_keys, expect, fail, one_of, parse_size
+from lance_deploy.formats.base import ACTIVATION_MODES, FORMAT_NAMES, FormatError
 from lance_deploy.quant.rule import ALGORITHMS, CALIBRATED, QuantChoice, QuantRule
 
 SCHEMA_VERSION = 1

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lance_deploy.fsutil import atomic_path
+from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
+from lance_deploy.core.fsutil import atomic_path
 from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import VIDEO_TASKS, TaskRequest
-from lance_deploy.quant.calib_data import load_prompt_set, select
 from lance_deploy.quant.evaluate import EvalSettings, evaluate
 
 NEEDS = {"i2v": "image", "image_edit": "image", "x2t_image": "image", "video_edit": "video", "x2t_video": "video"}

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lance_deploy.quant.formats.base import ACTIVATION_MODES, FORMAT_NAMES, INT4_GROUP_SIZES, FormatError, FormatSpec
-from lance_deploy.quant.recipe_schema import RecipeError, check_keys, expect, fail, one_of
+from lance_deploy.core.schema import SchemaError as RecipeError
+from lance_deploy.core.schema import check_keys, expect, fail, one_of
+from lance_deploy.formats.base import ACTIVATION_MODES, FORMAT_NAMES, INT4_GROUP_SIZES, FormatError, FormatSpec
 
 ALGORITHMS = ("rtn", "awq", "gptq", "smoothquant", "none")
 CALIBRATED = ("awq", "gptq", "smoothquant")

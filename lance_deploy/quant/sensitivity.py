@@ -34,16 +34,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lance_deploy.checkpoint import canonical as cn
-from lance_deploy.quant.algorithms.stats import LayerStats
-from lance_deploy.quant.apply import LinearJob, install, quantize_layer
-from lance_deploy.quant.calibrate.record import Program
-from lance_deploy.quant.calibrate.replay import (
+from lance_deploy.calibrate.record import Program
+from lance_deploy.calibrate.replay import (
     INPUT_GROUPS,
     gen_name,
     observe,
     run_layer,
 )
+from lance_deploy.checkpoint import canonical as cn
+from lance_deploy.quant.algorithms.stats import LayerStats
+from lance_deploy.quant.apply import LinearJob, install, quantize_layer
 from lance_deploy.quant.plan import QuantPlan
 
 PARTS = {"attn": ("attn_q", "attn_k", "attn_v", "attn_o"), "mlp": ("ffn_gate", "ffn_up", "ffn_down")}

@@ -20,8 +20,8 @@ import copy
 import torch
 from torch import nn
 
-from lance_deploy.quant.formats import FormatError, FormatSpec, effective_weight, nbytes, quantize_rtn
-from lance_deploy.quant.qlinear import QLinear
+from lance_deploy.formats import FormatError, FormatSpec, effective_weight, nbytes, quantize_rtn
+from lance_deploy.formats.qlinear import QLinear
 from lance_deploy.runtime.pager import GEN, ByteLedger, get_tensor, module_tensors, park, place, set_data, to_host
 
 FORMATS = {"int8": FormatSpec("int8"), "int4": FormatSpec("int4", group_size=128)}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lance_deploy.errors import LanceError
+from lance_deploy.core.errors import LanceError
 
 GEN = "_moe_gen"
 EXPERT_NAMES = ("und", "gen")

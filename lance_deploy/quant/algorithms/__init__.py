@@ -9,7 +9,7 @@ a packed weight, plus, for the scaling methods, the per-input-channel scale the 
     smoothquant_group(weights, ...)          -> list[SmoothQuantResult]
 
 `scaling.py` documents the fold of input_scale (preceding RMSNorm, or `result.runtime()` for a
-runtime divisor). Nothing under `lance_deploy.quant.formats` or the runtime imports this package.
+runtime divisor). Nothing under `lance_deploy.formats` or the runtime imports this package.
 """
 
 from .awq import AWQResult, awq, awq_group

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from ..formats import FormatSpec, check_shape, fake_quant_rtn, quantize_rtn, scale_columns
+from lance_deploy.formats import FormatSpec, check_shape, fake_quant_rtn, quantize_rtn, scale_columns
+
 from .scaling import ScaledResult, normalise, simulated_output
 from .stats import LayerStats
 

@@ -25,7 +25,17 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import FORMATS, FormatSpec, PackedTensor, check_shape, expand_groups, pack, params, scale_columns
+from lance_deploy.formats import (
+    FORMATS,
+    FormatSpec,
+    PackedTensor,
+    check_shape,
+    expand_groups,
+    pack,
+    params,
+    scale_columns,
+)
+
 from .stats import LayerStats
 
 

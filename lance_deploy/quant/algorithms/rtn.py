@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import FormatSpec, PackedTensor, quantize_rtn
+from lance_deploy.formats import FormatSpec, PackedTensor, quantize_rtn
+
 from .stats import LayerStats
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import FormatSpec, PackedTensor, fake_quant_rtn, fp8, int8
+from lance_deploy.formats import FormatSpec, PackedTensor, fake_quant_rtn, fp8, int8
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from ..formats import FormatSpec, check_shape, quantize_rtn
+from lance_deploy.formats import FormatSpec, check_shape, quantize_rtn
+
 from .scaling import ScaledResult, normalise, simulated_output
 from .stats import LayerStats
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lance_deploy.artifact.manifest import MANIFEST_NAME
+from lance_deploy.artifact.reader import ArtifactReader
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.checkpoint.loader import load_into
 from lance_deploy.config import LLMConfig
-from lance_deploy.export.artifact_manifest import MANIFEST_NAME
-from lance_deploy.export.artifact_reader import ArtifactReader
+from lance_deploy.formats import PackedTensor
+from lance_deploy.formats.qlinear import QLinear
 from lance_deploy.model.lance import LanceLM
-from lance_deploy.quant.formats import PackedTensor
-from lance_deploy.quant.qlinear import QLinear
 
 
 def is_artifact(path) -> bool:

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from lance_deploy.quant.recipe_schema import check_keys, expect, fail, one_of
+from lance_deploy.core.schema import check_keys, expect, fail, one_of
+from lance_deploy.core.tasks import TASKS
 
-CALIBRATION_TASKS = ("t2i", "t2v", "i2v", "image_edit", "video_edit", "x2t_image", "x2t_video")
+CALIBRATION_TASKS = TASKS
 CFG_BRANCHES = ("cond", "uncond")
 
 

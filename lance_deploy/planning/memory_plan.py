@@ -30,13 +30,13 @@ import torch
 
 from lance_deploy.checkpoint.layout import ReleaseLayout, discover
 from lance_deploy.config import LLMConfig, VisionConfig
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.pipeline.tasks import SPECS, TASKS, VIDEO_TASKS, union_spec
 from lance_deploy.pipeline.tokenizer import LanceTokenizer
-from lance_deploy.runtime.memory_model import LLMShape, ViTShape
-from lance_deploy.runtime.phases import ModelDims, RunOptions, phase_demands
-from lance_deploy.runtime.planner import GiB, Plan, plan
-from lance_deploy.runtime.weights import (
+from lance_deploy.planning.memory_model import LLMShape, ViTShape
+from lance_deploy.planning.phases import ModelDims, RunOptions, phase_demands
+from lance_deploy.planning.planner import Plan, plan
+from lance_deploy.planning.weights import (
     EXPERTS,
     RECIPES,
     TensorEntry,
@@ -48,7 +48,7 @@ from lance_deploy.runtime.weights import (
     manifest_entries,
     release_entries,
 )
-from lance_deploy.runtime.workload import Workload, build_workload
+from lance_deploy.planning.workload import Workload, build_workload
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class ModelInfo:
         """Discover the layout exactly as `LancePipeline.from_path` does for `task`."""
         if task not in TASKS:
             raise LanceUsageError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        from lance_deploy.runtime.artifact_load import is_artifact
+        from lance_deploy.artifact.load import is_artifact
 
         if is_artifact(path):
             return cls._load_artifact(path, task)
@@ -112,7 +112,7 @@ class ModelInfo:
         (manifest, llm_config.json, tokenizer; the ViT config is the LLM config's)."""
         from pathlib import Path
 
-        from lance_deploy.export.artifact_reader import ArtifactReader
+        from lance_deploy.artifact.reader import ArtifactReader
 
         path = Path(path)
         reader = ArtifactReader(path)
@@ -201,6 +201,10 @@ class MemoryPlan:
     suggestion: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    def needs_streaming(self) -> bool:
+        """Whether any phase streams an expert layer or uses a marker copy (else all stays resident)."""
+        return any(p.markers or any(p.streamed.values()) for p in self.plan.phases)
+
     @property
     def fits(self) -> bool:
         return self.plan.fits
@@ -247,14 +251,10 @@ def make_plan(info: ModelInfo, r: PlanRequest) -> MemoryPlan:
     if not r.flash or r.dtype == torch.float32:
         out.notes.append("attention without flash kernels: SDPA's math path is quadratic in the query length")
     if not p.fits:
-        from lance_deploy.runtime.advice import suggest
+        from lance_deploy.planning.advice import suggest
 
         out.suggestion = suggest(info, r, p, inv, lambda req: _plan_once(info, req)[2])
     return out
 
 
-def fmt_bytes(n: int) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
-
-
-__all__ = ["RECIPES", "MemoryPlan", "ModelInfo", "PlanRequest", "fmt_bytes", "make_plan"]
+__all__ = ["RECIPES", "MemoryPlan", "ModelInfo", "PlanRequest", "make_plan"]

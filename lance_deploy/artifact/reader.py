@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
-from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
-from lance_deploy.errors import CheckpointError
-from lance_deploy.export.artifact_manifest import (
+from lance_deploy import formats
+from lance_deploy.artifact.manifest import (
     MANIFEST_NAME,
     ArtifactError,
     ArtifactManifest,
     FieldRecord,
     TensorRecord,
 )
-from lance_deploy.quant import formats
-from lance_deploy.quant.formats import FormatSpec, PackedTensor
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
+from lance_deploy.core.errors import CheckpointError
+from lance_deploy.formats import FormatSpec, PackedTensor
 
 _CHUNK = 256 * 1024 * 1024
 

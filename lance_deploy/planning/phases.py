@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lance_deploy.runtime.memory_model import (
+from lance_deploy.planning.memory_model import (
     LLMShape,
     ViTShape,
     forward_bytes,
@@ -27,8 +27,8 @@ from lance_deploy.runtime.memory_model import (
     logits_bytes,
     vit_bytes,
 )
-from lance_deploy.runtime.vae_memory import vae_decode_bytes, vae_encode_bytes
-from lance_deploy.runtime.workload import Workload
+from lance_deploy.planning.vae_memory import vae_decode_bytes, vae_encode_bytes
+from lance_deploy.planning.workload import Workload
 
 LATENT_CHANNELS = 48
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import TENSOR_FIELDS, FormatError, FormatSpec, PackedTensor, dequantize, fp8, int8, validate
+from lance_deploy.formats import TENSOR_FIELDS, FormatError, FormatSpec, PackedTensor, dequantize, fp8, int8, validate
 
 
 @functools.cache
@@ -163,7 +163,7 @@ def _nf4_bnb(x: torch.Tensor, p: PackedTensor, bias: torch.Tensor | None) -> tor
     bnb = _bnb()
     from bitsandbytes.functional import QuantState
 
-    from .formats.nf4 import code_table
+    from lance_deploy.formats.nf4 import code_table
 
     state = QuantState(
         absmax=p.scale.reshape(-1).float(),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.media.preprocess import PRESETS, VAE_CROP, VIT_CROP, bucket_size
 from lance_deploy.pipeline.sampler import SamplerConfig, flow_schedule
 from lance_deploy.pipeline.tasks import DEFAULT_PRESET, DEFAULT_SYSTEM, MAX_FRAMES, SPECS, TASKS, TaskSpec, latent_grid

@@ -24,9 +24,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lance_deploy.errors import LanceError, LanceUsageError
-from lance_deploy.export.manifest import GraphEntry, load_manifest, safe_relative
-from lance_deploy.export.verify import providers
+from lance_deploy.artifact.graph_manifest import GraphEntry, load_manifest, safe_relative
+from lance_deploy.core.errors import LanceError, LanceUsageError
+from lance_deploy.core.optional import require
+
+
+def providers() -> list[tuple[str, dict]]:
+    """CUDA (TF32 off, so fp32 stays fp32) when a GPU is visible, else the CPU provider."""
+    ort = require("onnxruntime")
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"use_tf32": "0"}), ("CPUExecutionProvider", {})]
+    return [("CPUExecutionProvider", {})]
 
 
 def session_options():
@@ -37,8 +45,7 @@ def session_options():
     weight-only layer) and reject float8 activations. Without them the weight DQ is folded once
     into a float matrix and the graph computes what `QLinear` computes; fp32 graphs are unaffected.
     """
-    import onnxruntime as ort
-
+    ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     return options
@@ -61,8 +68,7 @@ class OrtGraphs:
 
     def run(self, name: str, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
         if name not in self._sessions:
-            import onnxruntime as ort
-
+            ort = require("onnxruntime")
             path = safe_relative(self.root, self.entry(name).file, name)
             self._sessions[name] = ort.InferenceSession(str(path), session_options(),
                                                         providers=[p for p, _ in providers()],
@@ -149,7 +155,7 @@ def _torch_dtype(trt, dtype):
 class TrtGraphs:
     """TensorRT engines of one export folder, the same `entry` / `run` interface as `OrtGraphs`.
 
-    Engines are read from ``engines/<gpu>-sm<XY>/<graph>.plan`` through `tensorrt_build.load_engine`,
+    Engines are read from ``engines/<gpu>-sm<XY>/<graph>.plan`` through `runtime.tensorrt.load_engine`,
     which refuses an engine built for another GPU or TensorRT version. Tensors stay on the GPU:
     inputs are copied to CUDA in the engine's dtype, outputs are allocated from the shapes the
     execution context infers once the input shapes are set (TensorRT 10 tensor API).
@@ -163,7 +169,7 @@ class TrtGraphs:
     entry = OrtGraphs.entry
 
     def _context(self, name: str):
-        from lance_deploy.export.tensorrt_build import engine_dir, gpu_identity, load_engine
+        from lance_deploy.runtime.tensorrt import engine_dir, gpu_identity, load_engine
 
         if name not in self._engines:
             self.entry(name)
@@ -176,7 +182,7 @@ class TrtGraphs:
         return self._engines[name]
 
     def run(self, name: str, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
-        from lance_deploy.export.tensorrt_build import tensorrt_module
+        from lance_deploy.runtime.tensorrt import tensorrt_module
 
         trt = tensorrt_module()
         engine, context = self._context(name)

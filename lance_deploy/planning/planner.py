@@ -30,10 +30,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from lance_deploy.runtime.phases import PhaseDemand
-from lance_deploy.runtime.weights import EXPERTS, WeightInventory
+from lance_deploy.planning.phases import PhaseDemand
+from lance_deploy.planning.weights import EXPERTS, WeightInventory
 
-GiB = 1 << 30
 FRAGMENTATION = 0.10
 WORKSPACE = 64 << 20
 STREAM_BUFFERS = 2  # the layer being computed + the one being prefetched

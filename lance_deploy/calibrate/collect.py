@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
+from lance_deploy.calibrate.record import Program, recording
 from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
-from lance_deploy.pipeline.tasks import VIDEO_TASKS, TaskRequest
-from lance_deploy.quant.calib_data import load_prompt_set, select
-from lance_deploy.quant.calibrate.record import Program, recording
+from lance_deploy.pipeline.tasks import OUTPUT_FRAME_TASKS, VIDEO_TASKS, TaskRequest
 
 TEXT_FIELD = {"t2i": "prompt", "t2v": "prompt", "i2v": "prompt", "image_edit": "instruction",
               "video_edit": "instruction", "x2t_image": "question", "x2t_video": "question"}
@@ -57,7 +57,7 @@ class _Media:
 
 def _request(task: str, entry: dict, i: int, s: CollectSettings, media: _Media, progress: bool) -> TaskRequest:
     req = TaskRequest(task=task, seed=s.seed + i, sampler=SamplerConfig(steps=s.steps),
-                      height=s.height, width=s.width, frames=s.frames if task in ("t2v", "i2v") else None,
+                      height=s.height, width=s.width, frames=s.frames if task in OUTPUT_FRAME_TASKS else None,
                       preset="image_256res" if task not in VIDEO_TASKS else "video_192p", max_new_tokens=16)
     text = entry[TEXT_FIELD[task]]
     if task.startswith("x2t"):

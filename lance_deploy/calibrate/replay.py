@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lance_deploy.calibrate.record import Program
 from lance_deploy.config import LLMConfig
 from lance_deploy.model.attention import KVCache
 from lance_deploy.model.mot import MoTLayer, Routing
 from lance_deploy.model.rope import mrope_cos_sin
-from lance_deploy.quant.calibrate.record import Program
 
 # The Linear whose input each statistics group observes; its siblings share that input.
 INPUT_GROUPS = {

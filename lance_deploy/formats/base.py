@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 
 SPEC_VERSION = 1
 FORMAT_NAMES = ("bf16", "fp8_e4m3", "int8", "int4", "nf4")

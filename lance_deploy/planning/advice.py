@@ -7,21 +7,28 @@ shorter video or a smaller size / resolution preset, and always the minimum budg
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
+from lance_deploy.core.tasks import INPUT_VIDEO_TASKS, OUTPUT_FRAME_TASKS
+from lance_deploy.core.units import format_bytes
 from lance_deploy.media.preprocess import PRESETS
 from lance_deploy.pipeline.tasks import SPECS
-from lance_deploy.runtime.planner import GiB, Plan
-from lance_deploy.runtime.weights import EXPERTS, RECIPES, WeightInventory
-
-VIDEO_FRAMES = {"t2v", "i2v"}  # output frames the user chooses
-INPUT_FRAMES = {"video_edit", "x2t_video"}  # frames of the input clip after 12 fps sampling
+from lance_deploy.planning.planner import Plan
+from lance_deploy.planning.weights import EXPERTS, RECIPES, WeightInventory
 
 
 def gib(n: int, up: bool = False) -> str:
-    v = n / GiB
-    return f"{math.ceil(v * 10) / 10 if up else v:.1f} GiB"
+    return format_bytes(n, digits=1, round_up=up)
+
+
+# the shipped quantize recipe that gives each hypothetical weight format
+SHIPPED_RECIPE = {"fp8": "fp8-rtn", "int8": "int8-rtn", "int4": "budget-8gb"}
+
+
+def _weights_hint(name: str, saved: int) -> str:
+    # names options of both commands that print advice: memory-plan plans it, quantize makes it
+    return (f"{name} expert weights (-{gib(saved)}: `lance-deploy quantize MODEL --recipe {SHIPPED_RECIPE[name]}`; "
+            f"memory-plan --weights {name})")
 
 
 def _expert_bytes(inv: WeightInventory) -> int:
@@ -36,23 +43,23 @@ def _recipe(info, r, inv, replan, extra: dict) -> str | None:
         p = replan(replace(r, recipe=name, **extra))
         saved = _expert_bytes(inv) - _expert_bytes(info.inventory(r.task, r.dtype, name))
         if p.fits:
-            return f"--recipe {name} (expert weights -{gib(saved)})" + (" with --vae-tiling on" if extra else "")
+            return _weights_hint(name, saved) + (" with --vae-tiling on" if extra else "")
         last = (name, saved, p.min_budget)
     if last is None:
         return None
     name, saved, need = last
-    return f"--recipe {name} (expert weights -{gib(saved)}) with --gpu-memory {gib(need, up=True)}"
+    return f"{_weights_hint(name, saved)} with --gpu-memory {gib(need, up=True)}"
 
 
 def _smaller(r, replan) -> str | None:
     """The largest smaller size (frames, then area / preset) that fits."""
     work_frames = r.frames
-    if r.task in VIDEO_FRAMES | INPUT_FRAMES:
+    if r.task in OUTPUT_FRAME_TASKS + INPUT_VIDEO_TASKS:
         top = work_frames or (121 if r.task == "t2v" else 61 if r.task == "i2v" else 69)
         for f in range((top - 1) // 4 * 4 + 1 - 4, 0, -4):
             if replan(replace(r, frames=f)).fits:
-                what = "--frames" if r.task in VIDEO_FRAMES else "an input clip of at most"
-                return f"{what} {f}" + ("" if r.task in VIDEO_FRAMES else " frames (after 12 fps sampling)")
+                what = "--frames" if r.task in OUTPUT_FRAME_TASKS else "an input clip of at most"
+                return f"{what} {f}" + ("" if r.task in OUTPUT_FRAME_TASKS else " frames (after 12 fps sampling)")
     if r.task in ("t2i", "t2v"):
         h, w = r.height or (768 if r.task == "t2i" else 480), r.width or (768 if r.task == "t2i" else 848)
         for s in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4):

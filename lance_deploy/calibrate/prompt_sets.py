@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 
 FIELDS = {"t2i": "prompt", "t2v": "prompt", "i2v": "prompt", "image_edit": "instruction",
           "video_edit": "instruction", "x2t_image": "question", "x2t_video": "question"}

@@ -35,7 +35,7 @@ import torch
 from lance_deploy.checkpoint.layout import ReleaseLayout
 from lance_deploy.checkpoint.names import GEN_SUFFIX, LATENT_POS_KEY, VIT_PREFIX, component_of, layer_of
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
-from lance_deploy.errors import LanceUsageError
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.pipeline.tasks import TaskSpec
 
 COMPONENTS = ("und_expert", "gen_expert", "embed_tokens", "lm_head", "norms_bridges", "vit", "vae_encoder",
@@ -160,7 +160,7 @@ def manifest_entries(manifest, dtype: torch.dtype) -> list[TensorEntry]:
 
 def recipe_bytes(shape: tuple[int, ...], recipe: str) -> int | None:
     """Packed bytes of one [out, in] weight under `recipe`, or None if the format cannot take it."""
-    from lance_deploy.quant.formats import FormatError, FormatSpec, nbytes
+    from lance_deploy.formats import FormatError, FormatSpec, nbytes
 
     spec = {"fp8": FormatSpec("fp8_e4m3"), "int8": FormatSpec("int8"),
             "int4": FormatSpec("int4", group_size=128)}[recipe]

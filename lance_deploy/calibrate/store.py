@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from lance_deploy.quant.calibrate.record import Call, Program
+from lance_deploy.calibrate.record import Call, Program
 
 
 def save_programs(programs: list[Program]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

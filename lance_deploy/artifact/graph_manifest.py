@@ -18,8 +18,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from lance_deploy.errors import LanceUsageError
-from lance_deploy.fsutil import atomic_path
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.fsutil import atomic_path
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -33,8 +33,8 @@ import torch
 from lance_deploy import __version__
 from lance_deploy.checkpoint.fingerprint import SourceFingerprint, source_fingerprint
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
-from lance_deploy.errors import CheckpointError, LanceUsageError
-from lance_deploy.fsutil import atomic_path, sha256_file
+from lance_deploy.core.errors import CheckpointError, LanceUsageError
+from lance_deploy.core.fsutil import atomic_path, sha256_file
 
 __all__ = ["JobFingerprint", "JobState", "SourceFingerprint", "source_fingerprint"]
 

@@ -25,10 +25,8 @@ from typing import Any
 
 import torch
 
-from lance_deploy import __version__
-from lance_deploy.checkpoint import canonical as cn
-from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter, dtype_tag
-from lance_deploy.export.artifact_manifest import (
+from lance_deploy import __version__, formats
+from lance_deploy.artifact.manifest import (
     MANIFEST_NAME,
     PRODUCER,
     ArtifactError,
@@ -38,10 +36,11 @@ from lance_deploy.export.artifact_manifest import (
     TensorRecord,
     check_relpath,
 )
-from lance_deploy.export.artifact_reader import ArtifactReader, field_bytes
-from lance_deploy.fsutil import atomic_path
-from lance_deploy.quant import formats
-from lance_deploy.quant.formats import TENSOR_FIELDS, FormatSpec, PackedTensor
+from lance_deploy.artifact.reader import ArtifactReader, field_bytes
+from lance_deploy.checkpoint import canonical as cn
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter, dtype_tag
+from lance_deploy.core.fsutil import atomic_path
+from lance_deploy.formats import TENSOR_FIELDS, FormatSpec, PackedTensor
 
 __all__ = ["COPY_FILES", "ArtifactReader", "ArtifactWriter", "TensorDecl", "group_of"]
 

@@ -1,4 +1,4 @@
-"""Calibration: record what the backbone computes on calibration tasks, then replay it layer by layer.
+"""Calibration: prompt sets, its config, recordings of real runs and their layer-by-layer replay.
 
 The runtime never imports this package.
 """

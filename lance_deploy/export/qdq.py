@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lance_deploy.core.optional import require
 from lance_deploy.formats.qlinear import QLinear
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def formats_of(registry) -> dict[str, str]:
 
 def upgrade_opset(model):
     """The opset-17 trace -> opset 21 (placeholders pass through), IR version 10."""
-    import onnx
+    onnx = require("onnx")
     from onnx import version_converter
 
     model = version_converter.convert_version(model, QDQ_OPSET)
@@ -181,7 +182,7 @@ def export_qdq_graph(job: GraphJob, root: Path, preset: str) -> GraphEntry:
     import tempfile
     import warnings
 
-    import onnx
+    onnx = require("onnx")
 
     from lance_deploy.export.onnx_export import GRAPHS_DIR, OPSET, _pin_static_outputs, save_graph
 

@@ -22,6 +22,7 @@ from typing import Callable
 from lance_deploy.artifact.graph_manifest import GraphEntry, load_manifest, safe_relative
 from lance_deploy.core.errors import LanceError, LanceUsageError
 from lance_deploy.core.fsutil import atomic_path
+from lance_deploy.core.optional import require
 from lance_deploy.runtime.tensorrt import engine_dir, gpu_identity, tensorrt_module
 
 PRECISIONS = ("fp16", "bf16", "fp8", "int8")
@@ -64,7 +65,7 @@ def profile_shapes(entry: GraphEntry) -> dict[str, tuple[list[int], list[int], l
 
 
 def _has_qdq(path: Path) -> bool:
-    import onnx
+    onnx = require("onnx")
 
     model = onnx.load(str(path), load_external_data=False)
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)

@@ -23,7 +23,6 @@ scales and its own zero convention and tile layout, i.e. a second weight copy bu
 from __future__ import annotations
 
 import functools
-import importlib.util
 from types import ModuleType
 
 import torch
@@ -36,10 +35,10 @@ from lance_deploy.formats import TENSOR_FIELDS, FormatError, FormatSpec, PackedT
 @functools.cache
 def _bnb() -> ModuleType | None:
     """bitsandbytes if installed (imported on first use: it is heavy and optional)."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    try:
+        import bitsandbytes
+    except ImportError:
         return None
-    import bitsandbytes
-
     return bitsandbytes
 
 

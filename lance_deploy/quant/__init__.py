@@ -1,14 +1,13 @@
-"""Quantization building blocks: packed formats, the runtime Linear, and algorithms.
+"""Quantization: recipes, per-tensor plans, algorithms and the streaming, resumable quantizer.
 
-Layering (one-way; the runtime loads artifacts without importing calibration code):
+- ``recipe`` / ``rule``  typed recipes (YAML) and their ordered rules.
+- ``plan``               resolved per-tensor formats and bytes (``lance-deploy plan``).
+- ``algorithms``         RTN, AWQ, GPTQ, SmoothQuant: pure functions returning ``PackedTensor``s.
+- ``apply`` / ``layerwise``  one decoder layer quantized from replayed calibration inputs.
+- ``budget`` / ``sensitivity``  the per-group knapsack of ``--budget``.
+- ``quantize`` / ``jobs``  the streaming quantizer and its resumable job folder.
+- ``evaluate`` / ``report`` / ``metrics``  ``lance-deploy eval``.
 
-- ``quant.formats``     bits and bytes only: ``FormatSpec``, ``PackedTensor`` and, per format,
-                        round-to-nearest packing plus a slow pure-torch reference dequantizer.
-- ``quant.qlinear``     ``QLinear``: a Linear that holds a ``PackedTensor`` as plain buffers and
-                        dispatches to the best kernel the device has; imports ``formats`` only.
-- ``quant.algorithms``  how weights and scales are chosen (RTN, AWQ, GPTQ, SmoothQuant) from
-                        ``LayerStats``; pure functions returning ``PackedTensor``s.
-- ``quant.metrics``     SQNR, cosine similarity, PSNR.
-
-Importing this package imports nothing; import the submodule you need.
+Packed formats and ``QLinear`` live in ``lance_deploy.formats``; the artifact format in
+``lance_deploy.artifact``. Nothing on the runtime side imports this package.
 """

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import golden_root
+
 from lance_deploy.cli import cli
 
 
@@ -106,8 +106,8 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_bad_init_noise_shape(ckpt, tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"noise": torch.zeros(3, 48)}, str(tmp_path / "n.safetensors"))
     code, err = _run(["run", "t2i", "--model", str(ckpt / "Lance_3B"), "--prompt", "x", "--height", "32",

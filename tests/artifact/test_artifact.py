@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import golden_root
 
-from lance_deploy.artifact.writer import ArtifactReader, ArtifactWriter, TensorDecl, group_of
-from lance_deploy.artifact.manifest import ArtifactError
 from lance_deploy import formats
+from lance_deploy.artifact.manifest import ArtifactError
+from lance_deploy.artifact.writer import ArtifactReader, ArtifactWriter, TensorDecl, group_of
 from lance_deploy.formats import FormatSpec, PackedTensor
 
 SPECS = {

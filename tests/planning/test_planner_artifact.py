@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 from conftest import golden_root
 
-from lance_deploy.planning.request import plan_memory
 from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
 from lance_deploy.planning.memory_plan import ModelInfo
+from lance_deploy.planning.request import plan_memory
 from lance_deploy.planning.weights import EXPERTS
 
 
@@ -29,8 +29,8 @@ def artifact(tmp_path_factory):
 
 
 def test_artifact_weight_bytes_equal_a_real_load(artifact):
-    from lance_deploy.pipeline.pipeline import LancePipeline
     from lance_deploy.formats.qlinear import QLinear
+    from lance_deploy.pipeline.pipeline import LancePipeline
 
     pipe = LancePipeline.from_path(artifact, "t2i", device="cpu", dtype="float32")
     assert any(isinstance(m, QLinear) for m in pipe.c.lm.modules())  # really packed

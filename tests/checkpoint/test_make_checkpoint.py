@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import GOLDEN
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
@@ -29,9 +30,7 @@ SAFETENSORS = ["Lance_3B/model.safetensors", "Lance_3B_Video/model.safetensors",
 
 
 def _golden_ckpt() -> Path:
-    env = os.environ.get("LANCE_GOLDEN")
-    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-    return root / "ckpt"
+    return GOLDEN / "ckpt"
 
 
 @pytest.fixture(scope="session")

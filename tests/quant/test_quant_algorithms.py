@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lance_deploy import formats as F
+from lance_deploy.formats import FormatSpec
+from lance_deploy.formats.qlinear import QLinear
 from lance_deploy.quant.algorithms import (
     LayerStats,
     awq,
@@ -25,9 +27,7 @@ from lance_deploy.quant.algorithms import (
     smoothquant,
     smoothquant_group,
 )
-from lance_deploy.formats import FormatSpec
 from lance_deploy.quant.metrics import rel_l2
-from lance_deploy.formats.qlinear import QLinear
 
 INT4 = FormatSpec("int4", group_size=64)
 W8A8 = FormatSpec("int8", activations="dynamic_per_token")

@@ -9,12 +9,12 @@ counts, captions), against expectations derived by hand from the rules.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import GOLDEN
 
 from lance_deploy.core.errors import CheckpointError, LanceUsageError
 from lance_deploy.pipeline.positions import MOD_CAPTION, MOD_SOURCE, MOD_TARGET, MOD_VIT, apply_mape, rope_index
@@ -22,7 +22,6 @@ from lance_deploy.pipeline.prompts import SYSTEM_PROMPTS
 from lance_deploy.pipeline.sequence import build_generation_sequence, build_understanding_sequence
 from lance_deploy.pipeline.tokenizer import LanceTokenizer
 
-GOLDEN = Path(os.environ.get("LANCE_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 GEN_CASES = ["t2i", "t2v", "i2v", "image_edit", "video_edit"]
 UND_CASES = ["x2t_image", "x2t_video"]
 

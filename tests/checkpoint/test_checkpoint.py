@@ -12,13 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import GOLDEN
 from safetensors.torch import load_file
 from torch import nn
 
 from lance_deploy.checkpoint.layout import discover, discover_all
 from lance_deploy.checkpoint.loader import load_into, load_vae_state_dict
-from lance_deploy.checkpoint.names import (LATENT_POS_KEY, check_keys, component_of, expected_lance_shapes,
-                                           expected_vit_shapes, layer_of)
+from lance_deploy.checkpoint.names import (
+    LATENT_POS_KEY,
+    check_keys,
+    component_of,
+    expected_lance_shapes,
+    expected_vit_shapes,
+    layer_of,
+)
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
 from lance_deploy.cli import cli
 from lance_deploy.config import FULL_LLM, TINY_LLM
@@ -26,8 +33,7 @@ from lance_deploy.core.errors import CheckpointError
 
 
 def _golden_root() -> Path:
-    env = os.environ.get("LANCE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+    return GOLDEN
 
 
 @pytest.fixture(scope="session")

@@ -7,19 +7,17 @@ partial windows, odd-T padding as delivered by the fixtures, and the ViT tokens 
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import GOLDEN
 from safetensors.torch import load_file
 
 from lance_deploy.config import VisionConfig
 from lance_deploy.model import vit as vit_mod
 from lance_deploy.model.vit import QwenViT, patchify_video_with_merge, window_plan
 
-GOLDEN = Path(os.environ.get("LANCE_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 STANDALONE = GOLDEN / "ckpt" / "Qwen2.5-VL-ViT"
 VIDEO_CKPT = GOLDEN / "ckpt" / "Lance_3B_Video" / "model.safetensors"
 

@@ -9,12 +9,11 @@ cases is rebuilt from the case's raw `media_uint8` (and fps) with
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN
 
 from lance_deploy.core.errors import MediaError
 from lance_deploy.media.io import to_uint8
@@ -26,7 +25,6 @@ from lance_deploy.media.preprocess import (
     vit_pixels,
 )
 
-GOLDEN = Path(os.environ.get("LANCE_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 CASES = GOLDEN / "cases"
 
 # README section 7: float32 tensors.

@@ -9,13 +9,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import golden_root
 
+from lance_deploy import formats
+from lance_deploy.calibrate.config import CalibrationConfig, Stratified
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.checkpoint.names import expected_lance_shapes, expected_vit_shapes
 from lance_deploy.cli.common import LanceGroup
 from lance_deploy.cli.plan_cmd import plan_cmd
 from lance_deploy.config import FULL_LLM, TINY_LLM
-from lance_deploy import formats
-from lance_deploy.calibrate.config import CalibrationConfig, Stratified
 from lance_deploy.quant.plan import SKIP, format_plan, plan_checkpoint, plan_to_dict, resolve_plan
 from lance_deploy.quant.recipe import Recipe, RecipeError, load_recipe, shipped_recipes
 

@@ -3,16 +3,15 @@ tiny golden checkpoint, the auto switch in `WanVAE.encode/decode`, and the memor
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GOLDEN
 from torch import nn
 
 from lance_deploy.core.errors import LanceUsageError
@@ -29,7 +28,6 @@ from lance_deploy.model.vae_tiling import (
     tiled_encode,
 )
 
-GOLDEN = Path(os.environ.get("LANCE_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 CKPT = GOLDEN / "ckpt" / "Wan2.2_VAE.pth"
 needs_ckpt = pytest.mark.skipif(not CKPT.is_file(), reason=f"golden VAE not found at {CKPT} (set LANCE_GOLDEN)")
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import GOLDEN
 
 from lance_deploy.core.errors import CheckpointError, LanceError
 from lance_deploy.model.vae import StreamCache, WanVAE, load_vae
 
-GOLDEN = Path(os.environ.get("LANCE_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 CKPT = GOLDEN / "ckpt" / "Wan2.2_VAE.pth"
 REL_L2, MAX_ABS = 1e-4, 1e-3
 

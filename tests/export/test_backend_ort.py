@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import GOLDEN
+from golden_requests import run_args
 
 from tests.conftest import GOLDEN, assert_close, assert_uint8_close, load_case
-from tests.golden_requests import run_args
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -112,11 +113,11 @@ def small_tile_export(tmp_path_factory):
 
 def test_multi_tile_decode_matches_torch_tiled_decode(small_tile_export):
     from lance_deploy.export.backend import make_backend
-    from lance_deploy.runtime.graphs import OrtGraphs, decoder_tiling
     from lance_deploy.model.vae_tiling import TilingConfig, plan_tiles, tiled_decode
     from lance_deploy.pipeline.pipeline import LancePipeline
     from lance_deploy.pipeline.sampler import SamplerConfig
     from lance_deploy.pipeline.tasks import TaskRequest
+    from lance_deploy.runtime.graphs import OrtGraphs, decoder_tiling
 
     def request():
         return TaskRequest(task="t2i", prompt="a red boat", height=96, width=160, seed=3,

@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.calibrate.prompt_sets import (
     FIELDS,
     MEDIA_SOURCE,
@@ -17,6 +16,7 @@ from lance_deploy.calibrate.prompt_sets import (
     select,
     set_path,
 )
+from lance_deploy.core.errors import LanceUsageError
 
 TASKS = list(FIELDS)
 

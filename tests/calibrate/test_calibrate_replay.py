@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import golden_root
+
+from lance_deploy.calibrate.record import recording, stratified_steps
+from lance_deploy.calibrate.replay import run_layer
 from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
-from lance_deploy.calibrate.record import recording, stratified_steps
-from lance_deploy.calibrate.replay import run_layer
 
 
 def _final(lm, h, call):

@@ -35,8 +35,8 @@ def exact():
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_compact_bytes_equal_the_planners(fmt):
-    from lance_deploy.runtime.markers import MarkerCopy, layer_bytes
     from lance_deploy.planning.memory_plan import ModelInfo
+    from lance_deploy.runtime.markers import MarkerCopy, layer_bytes
     from lance_deploy.runtime.pager import ByteLedger
 
     meta, _ = load_case("t2i")

@@ -141,17 +141,3 @@ def write_record(model_dir: str | Path, plan: OutlierPlan, keys) -> Path:
     path = Path(model_dir) / RECORD_FILE
     path.write_text(json.dumps(plan.record(keys), indent=1) + "\n")
     return path
-
-
-def read_record(model_dir: str | Path) -> dict | None:
-    """The planted-outlier record of a model folder, or None for a checkpoint without one."""
-    path = Path(model_dir) / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        rec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LanceUsageError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
-        raise LanceUsageError(f"{path}: not a {RECORD_FORMAT} record")
-    return rec

@@ -67,11 +67,6 @@ def _bucket_sides(area_side: int) -> list[tuple[int, int]]:
     return [bucket_size(int(r.split(":")[1]) * 100, int(r.split(":")[0]) * 100, area_side) for r in ASPECTS]
 
 
-def preset_names() -> tuple[str, ...]:
-    from lance_deploy.media.preprocess import PRESETS
-
-    return tuple(PRESETS)
-
 
 def preset_shapes(name: str, aspect: str = "1:1", vae_tile: tuple[int, int] | None = None) -> PresetShapes:
     """Resolve a preset name and aspect bucket into graph shapes; usage error if unknown.

@@ -202,8 +202,9 @@ def export_qdq_graph(job: GraphJob, root: Path, preset: str) -> GraphEntry:
             model = upgrade_opset(onnx.load(str(raw_dir / "model.onnx")))
             expand_placeholders(model, registry)
             _pin_static_outputs(model, job)
-            formats = formats_of(registry)
-        return save_graph(model, job, root, preset, dict(job.meta, opset=QDQ_OPSET, quantized=formats))
+            formats, packed = formats_of(registry), quantized_bytes(registry)
+        meta = dict(job.meta, opset=QDQ_OPSET, quantized=formats, packed_weight_bytes=packed)
+        return save_graph(model, job, root, preset, meta)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
 

@@ -208,7 +208,7 @@ def _crop(x: Tensor, ys: Span, xs: Span, scale: int) -> Tensor:
 #
 # The functions below cut `Decoder3d.forward` / `Encoder3d.forward` at the middle block. They visit
 # the same sub-modules in the same order, so with one tile they equal the untiled VAE bit for bit;
-# `tests/test_vae_tiling.py` checks that, which also guards against the two drifting apart.
+# `tests/model/test_vae_tiling.py` checks that, which also guards against the two drifting apart.
 
 
 def _stream(x: Tensor, bounds: Sequence[int], cache: StreamCache, step) -> Tensor:

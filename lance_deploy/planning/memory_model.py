@@ -18,7 +18,7 @@ compute dtype's item size `b` (2 for bf16). Full-size numbers, bf16:
 | x2t logits (all 256 steps kept, fp32)       | vocab x 4 per step                         | 157 MB                 |
 
 (Each formula is checked against the allocations the torch profiler records on CPU, within 5 %,
-in `tests/test_planner.py`.)
+in `tests/planning/test_planner.py`.)
 
 Attention: SDPA on a flash-capable GPU (sm80+, bf16/fp16, no mask) keeps O(n) memory and handles
 GQA natively. A mask (causal prefill splits of more than one token) or a device without flash

@@ -20,7 +20,7 @@ whole video. Walked op by op below; reference numbers, bf16, dec_dim 256 / enc_d
 
 The walk is checked against the allocations the profiler records on CPU with the convolutions
 replaced by their outputs (cuDNN's workspace is not modelled; the planner's fragmentation
-allowance covers some of it), within 10 %, in `tests/test_planner.py`.
+allowance covers some of it), within 10 %, in `tests/planning/test_planner.py`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every tensor becomes a `TensorEntry` (name, component, layer, shape, device byte
 release files the bytes are `numel x itemsize(load dtype)`: floating tensors are cast on load,
 so the stored F32/BF16 does not matter. A quantized artifact's manifest can feed the same
 `inventory()` with its own per-tensor byte counts (`manifest_entries`, packed fields included),
-and `apply_recipe` predicts them for a hypothetical recipe with the format tables of `quant.formats`.
+and `apply_recipe` predicts them for a hypothetical recipe with the format tables of `lance_deploy.formats`.
 
 Release numbers at bf16 (lance.md §1.3; the tests check them on a header-only full checkpoint):
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,12 @@ from click.testing import CliRunner
 
 from lance_deploy.checkpoint.make import make_checkpoint
 from lance_deploy.checkpoint.names import expected_lance_shapes
-from lance_deploy.checkpoint.outliers import OutlierPlan, norm_read_by, read_record, readers_by_norm
+from lance_deploy.checkpoint.outliers import (
+    RECORD_FILE,
+    OutlierPlan,
+    norm_read_by,
+    readers_by_norm,
+)
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.cli import cli
 from lance_deploy.config import FULL_LLM, TINY_LLM
@@ -151,3 +157,9 @@ def test_cli(tmp_path):
     res = runner.invoke(cli, ["make-checkpoint", "--tiny", str(tmp_path / "e"), "--outliers",
                               "--outlier-factor", "0.5"])
     assert res.exit_code == 2 and "factor" in res.output and not (tmp_path / "e").exists()
+
+
+def read_record(model_dir):
+    """The planted-outlier record written by `make-checkpoint --outliers`, or None."""
+    path = Path(model_dir) / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

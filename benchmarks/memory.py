@@ -79,7 +79,7 @@ def main() -> None:
         for policy in args.markers:
             plan = plan_residency(args.model, _request(spec, args.steps), budget, torch.bfloat16, markers=policy)
             paged = LancePipeline.from_path(args.model, task, device="cuda", dtype="bfloat16",
-                                            memory_plan=plan if plan.needs_streaming() else None)
+                                            memory_plan=plan if plan.needs_residency() else None)
             rows.append((f"budget, markers {policy} ({plan.plan.marker_mode() or 'n/a'})",
                          _measure(paged, spec, args.steps), plan.plan.peak.total / gib))
             del paged

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lance_deploy.api_session import EditSession  # noqa: F401  (re-exported: multi-turn editing)
 from lance_deploy.core.tasks import VIDEO_TASKS
 
 

@@ -17,10 +17,12 @@ from lance_deploy.artifact.manifest import MANIFEST_NAME
 from lance_deploy.artifact.reader import ArtifactReader
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.checkpoint.loader import load_into
+from lance_deploy.checkpoint.vae_keys import check_vae_table
 from lance_deploy.config import LLMConfig
 from lance_deploy.formats import PackedTensor
 from lance_deploy.formats.qlinear import QLinear
 from lance_deploy.model.lance import LanceLM
+from lance_deploy.model.meta import build_on_meta
 
 
 def is_artifact(path) -> bool:
@@ -82,31 +84,29 @@ def _is_qlinear_buffer(module: nn.Module, key: str) -> bool:
 
 def load_artifact_lm(reader: ArtifactReader, cfg: LLMConfig, *, with_gen: bool, with_lm_head: bool, dtype,
                      device) -> LanceLM:
-    with torch.device("meta"):
-        lm = LanceLM(cfg, with_gen=with_gen, with_lm_head=with_lm_head)
-    load_module(lm, reader, cn.to_canonical, dtype, device)
-    return lm.eval()
+    return build_on_meta(lambda: LanceLM(cfg, with_gen=with_gen, with_lm_head=with_lm_head),
+                         lambda lm: load_module(lm, reader, cn.to_canonical, dtype, device))
 
 
 def load_artifact_vit(reader: ArtifactReader, cfg: LLMConfig, dtype, device):
     from lance_deploy.model.vit import QwenViT
 
-    with torch.device("meta"):
-        vit = QwenViT(cfg.vision)
-    load_module(vit, reader, lambda k: "vit." + k, dtype, device)
-    return vit.eval()
+    return build_on_meta(lambda: QwenViT(cfg.vision),
+                         lambda vit: load_module(vit, reader, lambda k: "vit." + k, dtype, device))
 
 
 def load_artifact_vae(reader: ArtifactReader, parts: tuple[str, ...], dtype, device):
     from lance_deploy.model.vae import WanVAE
 
     shapes = {n[4:]: tuple(reader.record(n).shape) for n in reader.names() if n.startswith("vae.")}
-    enc_dim, dec_dim = shapes["encoder.conv1.weight"][0], shapes["decoder.conv1.weight"][0] // 4
-    with torch.device("meta"):
-        vae = WanVAE(enc_dim=enc_dim, dec_dim=dec_dim)
+    # only the parts the task runs must be there: t2i needs no encoder
+    enc_dim, dec_dim = check_vae_table(shapes, f"{reader.path}: the artifact's vae.* tensors", parts)
     keep = ("encoder.", "conv1.") if "encoder" in parts else ()
     keep += ("decoder.", "conv2.") if "decoder" in parts else ()
-    rest = [k for k in vae.state_dict() if k.startswith(keep)]
-    load_into(vae, _Plain(reader, lambda k: "vae." + k, rest), dtype=dtype, device=device,
-              select=lambda k: k.startswith(keep))
-    return vae.eval()
+
+    def fill(vae: WanVAE) -> None:
+        rest = [k for k in vae.state_dict() if k.startswith(keep)]
+        load_into(vae, _Plain(reader, lambda k: "vae." + k, rest), dtype=dtype, device=device,
+                  select=lambda k: k.startswith(keep))
+
+    return build_on_meta(lambda: WanVAE(enc_dim=enc_dim, dec_dim=dec_dim), fill)

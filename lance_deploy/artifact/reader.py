@@ -1,10 +1,11 @@
 """Open, check and read a sealed artifact folder.
 
 Opening parses ``manifest.json`` strictly and refuses, before any shard is touched, a manifest
-from a newer schema, an unsealed ``*.partial`` folder, and any path that is absolute, holds
-``..`` or resolves (through symlinks) outside the folder. Reads are positioned reads at the
-offsets the manifest records; ``verify`` checks every tensor's sha256 and the shard headers.
-Imports formats and the manifest only, never calibration or algorithm code.
+from a newer schema, an unsealed ``*.partial`` folder, any symlink in the folder, any path that
+is absolute or holds ``..``, and tensor records that its own llm_config.json contradicts. Shard
+reads are positioned reads at the offsets the manifest records; copied files are read whole
+through ``read_file``, hash-checked; ``verify`` checks every tensor's sha256 and the shard
+headers. Imports formats and the manifest only, never calibration or algorithm code.
 """
 
 from __future__ import annotations
@@ -16,18 +17,24 @@ from pathlib import Path
 import torch
 
 from lance_deploy import formats
+from lance_deploy.artifact.folder import open_inside, read_inside, refuse_symlinks
+from lance_deploy.artifact.key_table import check_key_table
 from lance_deploy.artifact.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     ArtifactError,
     ArtifactManifest,
     FieldRecord,
     TensorRecord,
 )
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, torch_dtype
+from lance_deploy.config import LLMConfig, parse_json
 from lance_deploy.core.errors import CheckpointError
 from lance_deploy.formats import FormatSpec, PackedTensor
 
 _CHUNK = 256 * 1024 * 1024
+CONFIG_FILE = "llm_config.json"
+MAX_FILE_BYTES = 256 * 1024 * 1024  # a copied file (tokenizer.json is ~7 MB)
 
 
 def field_bytes(t: torch.Tensor):
@@ -51,22 +58,47 @@ class ArtifactReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._fds: dict[str, int] = {}
+        self._cfg: LLMConfig | None = None
         if self.path.name.endswith(".partial"):
             raise ArtifactError(f"{self.path}: an unsealed (partial) artifact; the run that wrote it did not finish")
         mpath = self.path / MANIFEST_NAME
-        if not mpath.is_file():
+        if not os.path.lexists(mpath):
             raise ArtifactError(f"{self.path}: not a sealed artifact (no {MANIFEST_NAME})")
-        self.manifest = ArtifactManifest.from_json(mpath.read_text(encoding="utf-8"), str(mpath))
         self._root = self.path.resolve()
+        refuse_symlinks(self._root)
+        raw = read_inside(self._root, MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        self.manifest = ArtifactManifest.from_json(raw, str(mpath))
         self._check_paths(mpath)
         self._tensors = {t.name: t for t in self.manifest.tensors}
         self._groups = {g.name: g for g in self.manifest.groups}
-        self._fds: dict[str, int] = {}
+        if CONFIG_FILE in self.manifest.files:  # without it the artifact cannot run; the loader says so
+            check_key_table(self.manifest, self.config(), str(mpath))
+
+    def read_file(self, rel: str) -> bytes:
+        """A copied file (llm_config.json, tokenizer.json, ...) read through the manifest's
+        ``files``, its sha256 checked: nothing else in or outside the folder is ever opened."""
+        digest = self.manifest.files.get(rel)
+        if digest is None:
+            raise ArtifactError(f"{self.path / MANIFEST_NAME}: files lists no {rel!r}; this artifact cannot "
+                                f"provide it (re-quantize from a model folder that has it)")
+        data = read_inside(self._root, rel, MAX_FILE_BYTES)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ArtifactError(f"{self.path / rel}: fails its sha256 check against {MANIFEST_NAME}; the file "
+                                "was modified after the artifact was sealed")
+        return data
+
+    def config(self) -> LLMConfig:
+        """The artifact's ``llm_config.json`` (hash-checked, parsed once)."""
+        if self._cfg is None:
+            self._cfg = LLMConfig.from_json(parse_json(self.read_file(CONFIG_FILE), str(self.path / CONFIG_FILE)),
+                                            str(self.path / CONFIG_FILE))
+        return self._cfg
 
     def _check_paths(self, mpath: Path) -> None:
         refs = [(f"tensors[{i}].shard", t.shard) for i, t in enumerate(self.manifest.tensors)]
         refs += [(f"groups[{i}].shard", g.shard) for i, g in enumerate(self.manifest.groups)]
-        refs += [(f"files.{k}", v) for k, v in self.manifest.files.items()]
+        refs += [(f"files.{k}", k) for k in self.manifest.files]
         for where, rel in refs:
             real = (self._root / rel).resolve()
             if not real.is_relative_to(self._root):
@@ -89,7 +121,7 @@ class ArtifactReader:
 
     def _fd(self, rel: str) -> int:
         if rel not in self._fds:
-            self._fds[rel] = os.open(self._root / rel, os.O_RDONLY)
+            self._fds[rel] = open_inside(self._root, rel)
         return self._fds[rel]
 
     @staticmethod

@@ -8,7 +8,9 @@ does from its plan) or buffered in memory until ``close_group`` (fine for small 
 
 Everything happens in ``<out>.partial/`` (with a marker file); ``seal`` writes ``manifest.json``
 last, copies the config and tokenizer, and renames the folder into place, so a half-written
-artifact never looks valid. ``ArtifactReader`` is re-exported from ``artifact_reader``.
+artifact never looks valid. One writer per artifact (the lock ``<out>.lock``, ``core/lock.py``);
+what a killed writer left behind is recognised and cleared by ``artifact/partial.py``.
+``ArtifactReader`` is re-exported from ``artifact_reader``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import torch
 
 from lance_deploy import __version__, formats
 from lance_deploy.artifact.manifest import (
+    FIELD_ORDER,
+    GROUP_NAME,
     MANIFEST_NAME,
+    PLAIN_FIELD,
     PRODUCER,
     ArtifactError,
     ArtifactManifest,
@@ -35,22 +40,32 @@ from lance_deploy.artifact.manifest import (
     GroupRecord,
     TensorRecord,
     check_relpath,
+    field_key,
+    shard_path,
+)
+from lance_deploy.artifact.partial import (
+    MARKER_TEXT,
+    PARTIAL_MARKER,
+    clear_partial,
+    made_by,
+    old_copy,
+    recover_swap,
+    remove_partial,
 )
 from lance_deploy.artifact.reader import ArtifactReader, field_bytes
 from lance_deploy.checkpoint import canonical as cn
-from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter, dtype_tag
-from lance_deploy.core.fsutil import atomic_path
-from lance_deploy.formats import TENSOR_FIELDS, FormatSpec, PackedTensor
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, dtype_tag
+from lance_deploy.checkpoint.safetensors_write import SafetensorsWriter
+from lance_deploy.core.faults import fault_point
+from lance_deploy.core.fsutil import atomic_path, sha256_file
+from lance_deploy.core.lock import PathLock, held_here
+from lance_deploy.formats import FormatSpec, PackedTensor
 
 __all__ = ["COPY_FILES", "ArtifactReader", "ArtifactWriter", "TensorDecl", "group_of"]
 
-PLAIN_FIELD = "tensor"
-FIELD_ORDER = TENSOR_FIELDS + (PLAIN_FIELD,)
 COPY_FILES = ("llm_config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
               "merges.txt", "special_tokens_map.json", "added_tokens.json")
 """Copied from the source model folder when present (llm_config.json is required)."""
-PARTIAL_MARKER = ".lance-deploy-partial"
-_GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 
 def group_of(name: str, layers_per_group: int = 12,
@@ -112,8 +127,7 @@ def _split(name: str, value: PackedTensor | torch.Tensor) -> tuple[FormatSpec | 
     raise ArtifactError(f"{name}: expected a PackedTensor or a torch.Tensor, got {type(value).__name__}")
 
 
-def _key(name: str, fld: str) -> str:
-    return name if fld == PLAIN_FIELD else f"{name}.{fld}"
+_key = field_key
 
 
 @dataclass
@@ -133,18 +147,29 @@ class ArtifactWriter:
     """Build ``out_dir`` in ``out_dir.partial/``; ``seal`` moves it into place (see module doc)."""
 
     def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool = False, layers_per_group: int = 12,
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, owner: Mapping[str, Any] | None = None):
+        """``owner``: manifest values (source, recipe, created) that prove a leftover sealed
+        ``OUT.partial`` is this job's own (``artifact/partial.py``)."""
         self.out_dir = Path(out_dir)
         self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
         self.overwrite, self.layers_per_group, self.num_layers = overwrite, layers_per_group, num_layers
-        _check_replaceable(self.out_dir, overwrite)
-        if self.partial.exists():  # an interrupted run's leftovers: never valid, always rebuilt
-            if not (self.partial / PARTIAL_MARKER).is_file():
-                raise ArtifactError(f"{self.partial}: exists and was not made by lance-deploy; remove it or pick "
-                                    "another --out")
-            shutil.rmtree(self.partial)
-        (self.partial / "weights").mkdir(parents=True)
-        (self.partial / PARTIAL_MARKER).write_text("unsealed artifact; safe to delete\n")
+        # one writer per artifact; a caller that already holds OUT's lock (quantize) keeps it
+        self._lock = None if held_here(self.out_dir) else PathLock(self.out_dir, "--out").acquire()
+        try:
+            notes = [recover_swap(self.out_dir)]
+            if self.out_dir.exists() and not overwrite and made_by(self.out_dir, owner):
+                raise ArtifactError(f"{self.out_dir}: already holds this job's sealed artifact; nothing to resume "
+                                    "(pass --overwrite to rebuild it)")
+            _check_replaceable(self.out_dir, overwrite)
+            notes.append(clear_partial(self.partial, self.out_dir, owner))
+            self.partial.mkdir(parents=True)  # killed here: an empty folder, removed next time
+            (self.partial / PARTIAL_MARKER).write_text(MARKER_TEXT)
+            (self.partial / "weights").mkdir()
+        except BaseException:
+            self._release()
+            raise
+        self.recovered = "; ".join(n for n in notes if n) or None  # what a killed run had left, and what became of it
+        fault_point("artifact.partial-created")
         self._open: dict[str, _Shard] = {}
         self._closed: dict[str, GroupRecord] = {}
         self._records: dict[str, TensorRecord] = {}
@@ -152,12 +177,12 @@ class ArtifactWriter:
     def _shard(self, name: str, group: str | None) -> _Shard:
         g, expert, layers = group_of(name, self.layers_per_group, self.num_layers)
         group = group or g
-        if not _GROUP_NAME.fullmatch(group):
+        if not GROUP_NAME.fullmatch(group):
             raise ArtifactError(f"group name {group!r} must be lower-case letters, digits and '-'")
         if group in self._closed:
             raise ArtifactError(f"{name}: group {group!r} is already closed (its shard is written)")
         if group not in self._open:
-            self._open[group] = _Shard(group, expert, layers, f"weights/{group}.safetensors")
+            self._open[group] = _Shard(group, expert, layers, shard_path(group))
         return self._open[group]
 
     def declare(self, group: str, decls: Iterable[TensorDecl]) -> None:
@@ -201,6 +226,7 @@ class ArtifactWriter:
                 raise ArtifactError(f"{name}: does not match its declaration (declared {decl}, got {got})")
             for f, t in tensors.items():
                 shard.writer.write(_key(name, f), t)
+            fault_point("artifact.tensor-written")
         else:
             shard.buffer[name] = {f: t.detach().cpu() for f, t in tensors.items()}
         h = hashlib.sha256()
@@ -230,6 +256,7 @@ class ArtifactWriter:
                         w.write(_key(n, f), t)
         del self._open[group]
         self._closed[group] = self._record(shard)
+        fault_point("artifact.group-closed")
         return self._closed[group]
 
     def _record(self, shard: _Shard) -> GroupRecord:
@@ -261,6 +288,7 @@ class ArtifactWriter:
         if not self._records:
             raise ArtifactError(f"{self.out_dir}: no tensors were added; nothing to seal")
         files = self._copy_files(source_dir, extra_files or {})
+        fault_point("artifact.files-copied")
         tensors = sorted(self._records.values(), key=lambda t: cn.sort_key(t.name))
         order = list(dict.fromkeys(t.group for t in tensors))
         manifest = ArtifactManifest(
@@ -268,10 +296,16 @@ class ArtifactWriter:
             tensors=tensors, groups=[self._closed[g] for g in order], files=files,
             calibration=dict(calibration or {}), quality=dict(quality or {}),
             created=created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        text = manifest.to_json()
+        ArtifactManifest.from_json(text, str(self.partial / MANIFEST_NAME))  # never seal what the reader refuses
         with atomic_path(self.partial / MANIFEST_NAME) as tmp:
-            tmp.write_text(manifest.to_json(), encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")
+        fault_point("artifact.manifest-written")
         (self.partial / PARTIAL_MARKER).unlink()
+        fault_point("artifact.marker-removed")  # the seal window: partial.clear_partial() knows it by its manifest
         _move_into_place(self.partial, self.out_dir, self.overwrite)
+        fault_point("artifact.sealed")
+        self._release()
         return manifest
 
     def _copy_files(self, source_dir, extra: Mapping[str, str | os.PathLike]) -> dict[str, str]:
@@ -283,12 +317,12 @@ class ArtifactWriter:
             for name in COPY_FILES:
                 if (src / name).is_file():
                     shutil.copyfile(src / name, self.partial / name)
-                    files[name] = name
+                    files[name] = sha256_file(self.partial / name)
         for rel, path in extra.items():
             check_relpath(rel, f"extra_files {rel!r}")
             (self.partial / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, self.partial / rel)
-            files[rel] = rel
+            files[rel] = sha256_file(self.partial / rel)
         return files
 
     def abort(self) -> None:
@@ -297,7 +331,16 @@ class ArtifactWriter:
             if shard.writer is not None:
                 shard.writer.abort()
         self._open.clear()
-        shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            remove_partial(self.partial)
+        except OSError:
+            pass  # abort runs while another error propagates; the next writer clears the rest
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> ArtifactWriter:
         return self
@@ -321,9 +364,10 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
 def _move_into_place(partial: Path, out_dir: Path, overwrite: bool) -> None:
     _check_replaceable(out_dir, overwrite)
     _fsync_dir(partial)
-    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+    old = old_copy(out_dir)
     if out_dir.exists():
         os.replace(out_dir, old)  # the old artifact stays whole until the new one is in place
+        fault_point("artifact.old-moved")  # killed here: partial.recover_swap() puts it back
     os.replace(partial, out_dir)
     _fsync_dir(out_dir.parent)
     if old.exists():

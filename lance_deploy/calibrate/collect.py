@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lance_deploy.calibrate.config import CalibrationConfig
 from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
 from lance_deploy.calibrate.record import Program, recording
 from lance_deploy.pipeline.pipeline import LancePipeline
@@ -97,3 +98,14 @@ def collect_programs(model_path, s: CollectSettings, *, device="cpu", dtype="flo
                 programs.append(program)
                 bar.update(1)
     return programs
+
+
+def collect_calibration(layout, c: CalibrationConfig, device, progress: bool) -> list[Program]:
+    """Record the programs of a recipe's calibration config `c` for the model of `layout` (a
+    ReleaseLayout; video tasks only on the video variant)."""
+    tasks = tuple(t for t in c.tasks if layout.variant == "video" or t not in VIDEO_TASKS)
+    settings = CollectSettings(tasks=tasks, samples_per_task=c.samples_per_task, steps=c.steps,
+                               keep_steps=tuple(c.step_indices()), cfg_branches=tuple(c.cfg_branches),
+                               height=c.height, width=c.width, frames=c.frames, seed=c.seed,
+                               prompts_root=c.prompts_dir)
+    return collect_programs(layout.model_dir, settings, device=device, dtype="float32", progress=progress)

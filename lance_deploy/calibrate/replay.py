@@ -15,22 +15,7 @@ from lance_deploy.config import LLMConfig
 from lance_deploy.model.attention import KVCache
 from lance_deploy.model.mot import MoTLayer, Routing
 from lance_deploy.model.rope import mrope_cos_sin
-
-# The Linear whose input each statistics group observes; its siblings share that input.
-INPUT_GROUPS = {
-    "attn_in": ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    "attn_out": ("self_attn.o_proj", ("self_attn.o_proj",)),
-    "mlp_in": ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    "mlp_out": ("mlp.down_proj", ("mlp.down_proj",)),
-}
-
-
-def gen_name(und_name: str) -> str:
-    """Release-style name of the generation twin of an und submodule path."""
-    head, _, tail = und_name.partition(".")
-    if head == "self_attn":
-        return f"self_attn.{tail}_moe_gen"
-    return f"{head}_moe_gen.{tail}"
+from lance_deploy.model.tree import EXPERTS, INPUT_GROUPS
 
 
 def _cos_sin(cfg: LLMConfig, pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,18 +43,19 @@ def run_layer(
 
 
 def observe(layer: MoTLayer, stats_for) -> list:
-    """Forward hooks feeding each input group's LayerStats; returns the hook handles.
+    """Forward hooks feeding each input group's LayerStats (``model.tree.INPUT_GROUPS``, observed
+    at the group's probe Linear); returns the hook handles.
 
     `stats_for(expert, group)` returns the LayerStats of that expert's group ('und' / 'gen').
     """
     handles = []
-    for group, (probe, _) in INPUT_GROUPS.items():
-        for expert, path in (("und", probe), ("gen", gen_name(probe))):
-            module = layer.get_submodule(path) if _has(layer, path) else None
-            if module is None:
+    for name, group in INPUT_GROUPS.items():
+        for expert in EXPERTS:
+            path = group.probe(expert)
+            if not _has(layer, path):
                 continue
-            stats = stats_for(expert, group)
-            handles.append(module.register_forward_hook(_feeder(stats)))
+            stats = stats_for(expert, name)
+            handles.append(layer.get_submodule(path).register_forward_hook(_feeder(stats)))
     return handles
 
 

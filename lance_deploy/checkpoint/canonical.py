@@ -13,7 +13,8 @@ canonical names put expert and layer in fixed slots, gguf-style::
     vit.<standalone ViT key>        (bundled ``vit_model.X`` and standalone ``X`` both -> ``vit.X``)
     vae.<Wan2.2_VAE.pth key>
 
-Only the table below and the two prefix maps know release spellings.
+Only the tables below (the layer table built from ``model/tree.py``) and the two prefix maps know
+release spellings.
 """
 
 from __future__ import annotations
@@ -22,21 +23,14 @@ import re
 
 from lance_deploy.checkpoint import names
 from lance_deploy.core.errors import CheckpointError
+from lance_deploy.model import tree
 
-EXPERTS = ("und", "gen")
-_GEN = names.GEN_SUFFIX
+EXPERTS = tree.EXPERTS
 
-# canonical leaf -> release key inside ``language_model.model.layers.{L}.``; {g} is '' for the
-# understanding expert and '_moe_gen' for the generation twin.
-LAYER_TABLE: dict[str, str] = {
-    "attn_q": "self_attn.q_proj{g}.weight", "attn_q.bias": "self_attn.q_proj{g}.bias",
-    "attn_k": "self_attn.k_proj{g}.weight", "attn_k.bias": "self_attn.k_proj{g}.bias",
-    "attn_v": "self_attn.v_proj{g}.weight", "attn_v.bias": "self_attn.v_proj{g}.bias",
-    "attn_o": "self_attn.o_proj{g}.weight",
-    "ffn_gate": "mlp{g}.gate_proj.weight", "ffn_up": "mlp{g}.up_proj.weight", "ffn_down": "mlp{g}.down_proj.weight",
-    "attn_norm": "input_layernorm{g}.weight", "ffn_norm": "post_attention_layernorm{g}.weight",
-    "q_norm": "self_attn.q_norm{g}.weight", "k_norm": "self_attn.k_norm{g}.weight",
-}  # fmt: skip
+# canonical leaf -> release key inside ``language_model.model.layers.{L}.`` for each expert: our
+# module names are the release keys, so the layer's module tree (``model/tree.py``) spells them.
+LAYER_TABLE: dict[str, dict[str, str]] = {
+    leaf: {expert: tree.leaf_tensor(leaf, expert) for expert in EXPERTS} for leaf in tree.LEAVES}
 
 GLOBAL_TABLE: dict[str, str] = {
     "embed_tokens": "language_model.model.embed_tokens.weight",
@@ -53,25 +47,23 @@ GLOBAL_TABLE: dict[str, str] = {
 IGNORED = frozenset({"latent_pos_embed"})
 """Stored in the release but regenerated at load (upstream pops it): never quantized or shipped."""
 
-LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down")
+LAYER_LINEARS = tree.LINEARS
 GLOBAL_LINEARS = frozenset({"lm_head", "time_embedder.in", "time_embedder.out", "vae2llm", "llm2vae"})
 
-_LAYER_KEY = "language_model.model.layers."
 _VIT_ROOTS = ("blocks.", "patch_embed.", "merger.")  # keys of the standalone vit.safetensors
 _VAE_ROOTS = ("encoder.", "decoder.", "conv1.", "conv2.")  # keys of Wan2.2_VAE.pth
 # ViT Linears: attention qkv/proj, the SwiGLU MLP, and the merger MLP (patch_embed is a Conv3d).
 _VIT_LINEAR = re.compile(r"vit\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)|merger\.mlp\.[02])\.weight")
 _BLK = re.compile(r"blk\.(\d+)\.(und|gen)\.(.+)")
 
-_FROM_LAYER = {tmpl.format(g=g): (expert, leaf)
-               for leaf, tmpl in LAYER_TABLE.items() for expert, g in (("und", ""), ("gen", _GEN))}
+_FROM_LAYER = {release: (expert, leaf) for leaf, keys in LAYER_TABLE.items() for expert, release in keys.items()}
 _FROM_GLOBAL = {release: canonical for canonical, release in GLOBAL_TABLE.items()}
 
 
 def to_canonical(release_key: str) -> str:
     """Canonical name of a release key (model.safetensors, standalone ViT or VAE .pth key)."""
-    if release_key.startswith(_LAYER_KEY):
-        layer, _, rest = release_key[len(_LAYER_KEY):].partition(".")
+    if release_key.startswith(tree.LAYERS):
+        layer, _, rest = release_key[len(tree.LAYERS):].partition(".")
         hit = _FROM_LAYER.get(rest)
         if layer.isdigit() and hit is not None:
             return f"blk.{int(layer)}.{hit[0]}.{hit[1]}"
@@ -92,8 +84,7 @@ def to_release(canonical: str, vit_prefix: str = names.VIT_PREFIX) -> str:
     bundled in model.safetensors, '' for the standalone vit.safetensors)."""
     m = _BLK.fullmatch(canonical)
     if m and m.group(3) in LAYER_TABLE:
-        g = "" if m.group(2) == "und" else _GEN
-        return f"{_LAYER_KEY}{int(m.group(1))}." + LAYER_TABLE[m.group(3)].format(g=g)
+        return tree.layer_prefix(int(m.group(1))) + LAYER_TABLE[m.group(3)][m.group(2)]
     if canonical in GLOBAL_TABLE:
         return GLOBAL_TABLE[canonical]
     if canonical.startswith("vit.") and len(canonical) > 4:
@@ -123,6 +114,14 @@ def leaf_of(canonical: str) -> str | None:
     """The per-layer part of a ``blk.*`` name ('attn_q', 'attn_q.bias', 'ffn_norm', ...)."""
     m = _BLK.fullmatch(canonical)
     return m.group(3) if m else None
+
+
+def module_path(canonical: str) -> str:
+    """The module inside a ``MoTLayer`` that holds a ``blk.*`` tensor ('blk.3.gen.ffn_up' -> 'mlp_moe_gen.up_proj')."""
+    m = _BLK.fullmatch(canonical)
+    if not m or m.group(3) not in tree.LEAVES:
+        raise CheckpointError(f"{canonical!r} is not a decoder-layer tensor name (blk.L.und|gen.<leaf>)")
+    return tree.leaf_module(m.group(3), m.group(2))
 
 
 def is_linear_weight(canonical: str) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lance_deploy.checkpoint.names import LATENT_POS_KEY, LATENT_ROWS, VIT_PREFIX
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
+from lance_deploy.config import LLMConfig, VisionConfig
 from lance_deploy.core.errors import CheckpointError
 
 MODEL_DIRS = {"image": "Lance_3B", "video": "Lance_3B_Video"}
@@ -48,11 +49,17 @@ class ReleaseLayout:
     latent_rows: int | None = None
     num_tensors: int = 0
 
-    def config(self):
+    def config(self) -> LLMConfig:
         """The parsed ``llm_config.json`` (an ``LLMConfig``)."""
-        from lance_deploy.config import LLMConfig
-
         return LLMConfig.from_file(self.config_file)
+
+    def vision_config(self, cfg: LLMConfig) -> VisionConfig:
+        """The config of the ViT this model runs: the bundled one is described by ``cfg.vision``,
+        the standalone one by its own ``config.json`` when present. The one reader that run,
+        memory-plan and export share, so a broken file fails the same way in each."""
+        if self.has_bundled_vit or self.vit_dir is None or not (self.vit_dir / VIT_CONFIG).is_file():
+            return cfg.vision
+        return VisionConfig.from_file(self.vit_dir / VIT_CONFIG)
 
     def open_weights(self) -> SafetensorsReader:
         """A header-validated reader of ``weights_file`` (close it, or use ``with``)."""

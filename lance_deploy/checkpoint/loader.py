@@ -1,6 +1,6 @@
 """Stream checkpoint tensors into a module built on the meta device.
 
-The module is created under ``torch.device('meta')`` (no memory), then each
+The module is created under ``torch.device('meta')`` (no memory; ``model/meta.py``), then each
 parameter/buffer is read, cast and moved on its own and installed in place of
 its meta placeholder. Host RAM therefore holds at most one tensor beyond what
 has already been installed (on CPU) - never a whole state dict.
@@ -12,7 +12,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, TypeVar, Union
 
 import torch
 from torch import nn
@@ -20,9 +20,14 @@ from torch import nn
 from lance_deploy.checkpoint.names import key_mismatches
 from lance_deploy.checkpoint.pages import drop_file_pages
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
+from lance_deploy.config import LLMConfig
 from lance_deploy.core.errors import CheckpointError
+from lance_deploy.model.meta import build_on_meta
+from lance_deploy.model.mot import MoTLayer
+from lance_deploy.model.tree import layer_prefix
 
 Source = Union[SafetensorsReader, Mapping[str, torch.Tensor]]
+M = TypeVar("M", bound=nn.Module)
 
 
 class FileStateDict(dict):
@@ -35,10 +40,13 @@ def _source_name(source: Source) -> str:
     return str(getattr(source, "path", None) or getattr(source, "name", None) or "state dict")
 
 
-def _source_shapes(source: Source, keys: list[str]) -> dict[str, tuple[int, ...]]:
+def _source_facts(source: Source, keys: list[str]) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """key -> (shape, stored dtype if it is not floating point), from the header alone for a reader."""
     if isinstance(source, SafetensorsReader):
-        return {k: source.info(k).shape for k in keys if k in source}
-    return {k: tuple(source[k].shape) for k in keys if k in source}
+        return {k: (i.shape, None if i.dtype.startswith(("F", "BF")) else i.dtype)
+                for k in keys if k in source for i in [source.info(k)]}
+    return {k: (tuple(t.shape), None if t.is_floating_point() else str(t.dtype).removeprefix("torch."))
+            for k in keys if k in source for t in [source[k]]}
 
 
 def _fetch(source: Source, key: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
@@ -89,9 +97,14 @@ def load_into(module: nn.Module, source: Source, *, dtype: torch.dtype | None,
     entries = module.state_dict(keep_vars=True)
     names = [n for n in entries if select is None or select(n)]
     want = {prefix + n: tuple(entries[n].shape) for n in names}
+    floating = {prefix + n for n in names if entries[n].is_floating_point()}
     del entries
-    have = _source_shapes(source, list(want))
+    facts = _source_facts(source, list(want))
+    have = {k: shape for k, (shape, _) in facts.items()}
     problems = [p for p in key_mismatches(have, want) if not p.startswith("unexpected")]
+    # a float weight relabelled as I32/U32 has the same byte length: only the dtype tells
+    problems += [f"{k} is stored as {tag}, expected floating point"
+                 for k, (_, tag) in facts.items() if k in floating and tag is not None]
     if not strict:  # absent keys are fine, wrong shapes never are
         problems = [p for p in problems if not p.startswith("missing")]
     if problems:
@@ -105,6 +118,20 @@ def load_into(module: nn.Module, source: Source, *, dtype: torch.dtype | None,
             continue
         _install(module, n, _fetch(source, prefix + n, dtype, device))
     return skipped
+
+
+def load_new(make: Callable[[], M], source: Source, *, dtype: torch.dtype | None,
+             device: str | torch.device = "cpu", prefix: str = "") -> M:
+    """``make()`` built on the meta device and filled from ``source`` by ``load_into``, in eval mode."""
+    return build_on_meta(make, lambda m: load_into(m, source, dtype=dtype, device=device, prefix=prefix))
+
+
+def load_layer(reader: SafetensorsReader, cfg: LLMConfig, index: int, *, with_gen: bool = True,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MoTLayer:
+    """Decoder layer ``index`` alone from the release weights (fp32 by default: what calibration,
+    quantization and export compute in)."""
+    return load_new(lambda: MoTLayer(cfg, index, with_gen), reader, dtype=dtype, device=device,
+                    prefix=layer_prefix(index))
 
 
 def load_vae_state_dict(path: str | os.PathLike) -> FileStateDict:

@@ -27,7 +27,7 @@ from lance_deploy.checkpoint.make_tokenizer import TOKEN_IDS, write_tokenizer
 from lance_deploy.checkpoint.make_vae import vae_shapes, write_vae_pth
 from lance_deploy.checkpoint.names import LATENT_POS_KEY, expected_lance_shapes, expected_vit_shapes
 from lance_deploy.checkpoint.outliers import DEFAULT_FACTOR, OutlierPlan, write_record
-from lance_deploy.checkpoint.safetensors_io import SafetensorsWriter
+from lance_deploy.checkpoint.safetensors_write import SafetensorsWriter
 from lance_deploy.config import FULL_LLM, TINY_LLM, LLMConfig
 from lance_deploy.core.errors import LanceError, LanceUsageError
 

@@ -12,6 +12,7 @@ from typing import Mapping, Union
 
 from lance_deploy.config import LLMConfig, VisionConfig
 from lance_deploy.core.errors import CheckpointError
+from lance_deploy.model.tree import GEN as GEN_SUFFIX
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -28,7 +29,9 @@ COMPONENTS = ("und_expert", "gen_expert", "embed_tokens", "lm_head", "bridges", 
               "vit", "vae_encoder", "vae_decoder")
 """Every value ``component_of`` returns except 'other', in display order."""
 
-GEN_SUFFIX = "_moe_gen"
+RELEASE_DTYPES = ("F32", "BF16")
+"""Every tensor of the release (model, ViT and VAE files) is stored in one of these; an integer tag
+on a release key is a relabelled or foreign file, even when its byte length fits."""
 
 
 def _expert_layer(cfg: LLMConfig, suffix: str) -> Shapes:
@@ -155,8 +158,24 @@ def _shapes_of(source) -> dict[str, tuple[int, ...]]:
     return {k: tuple(getattr(v, "shape", v)) for k, v in source.items()}
 
 
+def _dtypes_of(source) -> dict[str, str]:
+    """Stored dtype tags where the source knows them (a reader's header, or real tensors)."""
+    if hasattr(source, "infos"):
+        return {k: i.dtype for k, i in source.infos().items()}
+    from lance_deploy.checkpoint.safetensors_io import dtype_tag
+
+    return {k: dtype_tag(v.dtype) for k, v in source.items() if hasattr(v, "dtype")}
+
+
+def dtype_mismatches(actual: ShapeSource, expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Release keys stored in a dtype the release never uses (``RELEASE_DTYPES``)."""
+    return [f"{k} is stored as {tag}, expected {' or '.join(RELEASE_DTYPES)}"
+            for k, tag in _dtypes_of(actual).items() if k in expected and tag not in RELEASE_DTYPES]
+
+
 def key_mismatches(actual: ShapeSource, expected: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Human-readable differences between a key->shape table and the expected one."""
+    """Human-readable differences between a key->shape table and the expected one (and, for a
+    reader or real tensors, stored dtypes outside ``RELEASE_DTYPES``)."""
     have = _shapes_of(actual)
     out = [f"missing {k}" for k in expected if k not in have]
     out += [f"unexpected {k}" for k in have if k not in expected]
@@ -168,7 +187,7 @@ def key_mismatches(actual: ShapeSource, expected: Mapping[str, tuple[int, ...]])
         same = got[1:] == tuple(want)[1:] and len(got) == len(want) if k == LATENT_POS_KEY else got == tuple(want)
         if not same:
             out.append(f"{k} has shape {list(got)}, expected {list(want)}")
-    return out
+    return out + dtype_mismatches(actual, expected)
 
 
 def check_keys(actual: ShapeSource, expected: Mapping[str, tuple[int, ...]], source: str, limit: int = 4) -> None:

@@ -25,34 +25,42 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.config import LLMConfig
-from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.errors import CheckpointError, LanceUsageError
+from lance_deploy.model.tree import FOLD_GROUPS, fold_group_of
 
 DEFAULT_FACTOR = 30.0
 RECORD_FILE = "outliers.json"
 RECORD_FORMAT = "lance-deploy-outliers/1"
 
-_LAYER = r"language_model\.model\.layers\.(\d+)\."
-_QKV = re.compile(_LAYER + r"self_attn\.[qkv]_proj(_moe_gen)?\.weight")
-_GATE_UP = re.compile(_LAYER + r"mlp(_moe_gen)?\.(?:gate|up)_proj\.weight")
-_FINAL_READERS = {"language_model.lm_head.weight": "language_model.model.norm.weight",
-                  "llm2vae.weight": "language_model.model.norm_moe_gen.weight"}
+# In canonical names: the layer norms are those of the fold groups (``model/tree.py``).
+_FINAL_READERS = {"lm_head": "out_norm.und", "llm2vae": "out_norm.gen"}
+_LAYER_NORMS = frozenset(g.norm for g in FOLD_GROUPS)
+
+
+def _canonical(key: str) -> str | None:
+    try:
+        return cn.to_canonical(key)
+    except CheckpointError:
+        return None
 
 
 def norm_read_by(key: str) -> str | None:
     """The RMSNorm weight whose output the Linear weight ``key`` reads, or None for any other key."""
-    if m := _QKV.fullmatch(key):
-        return f"language_model.model.layers.{m[1]}.input_layernorm{m[2] or ''}.weight"
-    if m := _GATE_UP.fullmatch(key):
-        return f"language_model.model.layers.{m[1]}.post_attention_layernorm{m[2] or ''}.weight"
-    return _FINAL_READERS.get(key)
+    name = _canonical(key)
+    if name is None:
+        return None
+    group = fold_group_of(cn.leaf_of(name))
+    if group is not None:
+        return cn.to_release(f"blk.{cn.layer_of(name)}.{cn.expert_of(name)}.{group.norm}")
+    return cn.to_release(_FINAL_READERS[name]) if name in _FINAL_READERS else None
 
 
 def readers_by_norm(keys) -> dict[str, list[str]]:
@@ -128,12 +136,9 @@ class OutlierPlan:
                 "norms": {n: {"channels": list(self.channels(n)), "readers": r} for n, r in sorted(norms.items())}}
 
 
-_NORM = re.compile(r"language_model\.model\.(?:layers\.\d+\.(?:input|post_attention)_layernorm(?:_moe_gen)?"
-                   r"|norm(?:_moe_gen)?)\.weight")
-
-
 def _is_planted_norm(key: str) -> bool:
-    return _NORM.fullmatch(key) is not None
+    name = _canonical(key)
+    return name is not None and (cn.leaf_of(name) in _LAYER_NORMS or name in _FINAL_READERS.values())
 
 
 def write_record(model_dir: str | Path, plan: OutlierPlan, keys) -> Path:

@@ -9,7 +9,6 @@ at a time. The writer lives in ``safetensors_write`` and is re-exported here.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lance_deploy.core import jsonio
 from lance_deploy.core.errors import CheckpointError
 
 # safetensors dtype tag -> (torch dtype, item size in bytes). Only tags this torch knows.
@@ -80,6 +80,61 @@ class TensorInfo:
         return n
 
 
+_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
+MAX_RANK = 8
+
+
+def _entry(path: Path, name: str, e, data_start: int) -> TensorInfo:
+    """One header entry, each field checked: the message names the file, tensor and field."""
+    def bad(fld: str, msg: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt header: tensor {name!r} {fld}: {msg}")
+
+    if not isinstance(e, dict):
+        raise CheckpointError(f"{path}: corrupt header: tensor {name!r}: expected an object with "
+                              f"{', '.join(_ENTRY_KEYS)}, got {type(e).__name__}")
+    for k in e:
+        if k not in _ENTRY_KEYS:
+            raise bad(k, f"unknown field; allowed: {', '.join(_ENTRY_KEYS)}")
+    for k in _ENTRY_KEYS:
+        if k not in e:
+            raise bad(k, "missing")
+    tag, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(tag, str):
+        raise bad("dtype", f"expected a dtype tag such as 'F32', got {tag!r}")
+    if tag not in _DTYPES:
+        raise bad("dtype", f"unsupported dtype {tag!r}; allowed: {', '.join(_DTYPES)}")
+    ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
+    if not ints(shape) or len(shape) > MAX_RANK:
+        raise bad("shape", f"expected a list of at most {MAX_RANK} non-negative integers, got {shape!r}")
+    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise bad("data_offsets", f"expected [begin, end] with 0 <= begin <= end, got {offsets!r}")
+    info = TensorInfo(name, tag, tuple(shape), data_start + offsets[0], offsets[1] - offsets[0])
+    need = info.numel * _DTYPES[tag][1]
+    if info.nbytes != need:
+        raise bad("data_offsets", f"{tag}{list(shape)} needs {need} bytes but its offsets span {info.nbytes}")
+    return info
+
+
+def _check_coverage(path: Path, infos: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """The data offsets must tile the data section exactly: from its first byte, in order, with
+    no gap and no overlap, to the end of the file (the reference implementation's rule)."""
+    pos, prev = data_start, None
+    for info in sorted(infos.values(), key=lambda i: (i.offset, i.nbytes)):
+        if info.offset < pos:
+            raise CheckpointError(f"{path}: corrupt header: tensors {prev!r} and {info.name!r} overlap "
+                                  f"(bytes {info.offset}..{pos - 1})")
+        if info.offset > pos:
+            raise CheckpointError(f"{path}: corrupt header: bytes {pos}..{info.offset - 1} are covered by no "
+                                  f"tensor (before {info.name!r}); wrong header length or data offsets")
+        pos, prev = info.offset + info.nbytes, info.name
+    if pos > size:
+        raise CheckpointError(f"{path}: truncated file: tensor {prev!r} ends at byte {pos} "
+                              f"but the file has {size} bytes")
+    if pos < size:
+        raise CheckpointError(f"{path}: corrupt header: bytes {pos}..{size - 1} at the end of the file are "
+                              "covered by no tensor; wrong header length or data offsets")
+
+
 def _parse_header(path: Path, fd: int, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     def bad(msg: str) -> CheckpointError:
         return CheckpointError(f"{path}: {msg}")
@@ -89,43 +144,21 @@ def _parse_header(path: Path, fd: int, size: int) -> tuple[dict[str, TensorInfo]
     n = int.from_bytes(os.pread(fd, 8, 0), "little")
     if n > size - 8:
         raise bad(f"truncated file or corrupt header: header length {n} but the file has {size} bytes")
-    if n == 0 or n > MAX_HEADER_BYTES:
+    if n < 2 or n > MAX_HEADER_BYTES:
         raise bad(f"not a safetensors file (header length {n})")
-    raw = os.pread(fd, n, 8)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"corrupt header (not valid JSON: {e})") from None
+    header = jsonio.loads(os.pread(fd, n, 8), f"{path}: corrupt header", max_bytes=MAX_HEADER_BYTES,
+                          max_depth=4, error=CheckpointError)
     if not isinstance(header, dict):
         raise bad("corrupt header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise bad("corrupt header (__metadata__ is not an object)")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("corrupt header: __metadata__ must be an object of strings")
     data_start = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for name, e in header.items():
-        try:
-            tag, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise bad(f"corrupt header entry for {name!r}: {e!r}")
-        if tag not in _DTYPES:
-            raise bad(f"tensor {name!r} has unsupported dtype {tag!r}")
-        info = TensorInfo(name, tag, shape, data_start + begin, end - begin)
-        if info.nbytes != info.numel * _DTYPES[tag][1]:
-            raise bad(f"corrupt header: tensor {name!r} {tag}{list(shape)} needs "
-                      f"{info.numel * _DTYPES[tag][1]} bytes but its offsets span {info.nbytes}")
-        if data_start + end > size:
-            raise bad(f"truncated file: tensor {name!r} ends at byte {data_start + end} "
-                      f"but the file has {size} bytes")
-        infos[name] = info
-    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in infos.values() if i.nbytes)
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise bad(f"corrupt header: tensors {a!r} and {b!r} overlap")
-    return infos, {str(k): str(v) for k, v in meta.items()}
+    infos = {name: _entry(path, name, e, data_start) for name, e in header.items()}
+    _check_coverage(path, infos, data_start, size)
+    return infos, dict(meta)
 
 
 def _read_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
@@ -225,6 +258,4 @@ class SafetensorsReader:
         return f"SafetensorsReader({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
-from lance_deploy.checkpoint.safetensors_write import SafetensorsWriter  # noqa: E402  (re-export)
-
-__all__ = ["SafetensorsReader", "SafetensorsWriter", "TensorInfo", "torch_dtype", "dtype_tag", "itemsize"]
+__all__ = ["SafetensorsReader", "TensorInfo", "torch_dtype", "dtype_tag", "itemsize"]

@@ -7,8 +7,8 @@ import click
 
 @click.command("make-checkpoint")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--tiny", "size", flag_value="tiny", help="Golden-fixture shapes (hidden 64, 2 layers); ~25 MB.")
-@click.option("--full", "size", flag_value="full",
+@click.option("--tiny", is_flag=True, help="Golden-fixture shapes (hidden 64, 2 layers); ~25 MB.")
+@click.option("--full", is_flag=True,
               help="Release shapes: ~57 GB at float32 (24.7 GB Lance_3B, 28.4 GB Video, ViT, VAE).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Storage dtype of the two model.safetensors (the ViT stays BF16, the VAE F32, as released).")
@@ -20,7 +20,7 @@ import click
 @click.option("--outlier-factor", type=float, default=None,
               help="With --outliers: how much larger the planted channels are (default 30). The same function "
                    "up to float32 rounding; with --dtype bfloat16 the rescaled weights round differently.")
-def make_cmd(out: str, size: str | None, dtype: str, seed: int, force: bool, outliers: bool,
+def make_cmd(out: str, tiny: bool, full: bool, dtype: str, seed: int, force: bool, outliers: bool,
              outlier_factor: float) -> None:
     """Write a random Lance checkpoint to OUT in the release folder layout.
 
@@ -35,8 +35,15 @@ def make_cmd(out: str, size: str | None, dtype: str, seed: int, force: bool, out
       lance-deploy make-checkpoint --tiny --outliers exported/tiny-outliers
       lance-deploy make-checkpoint --full --dtype bfloat16 /data/lance-random
     """
-    if size is None:
-        raise click.UsageError("choose --tiny or --full")
+    from lance_deploy.core.errors import LanceUsageError
+
+    # Two flags, not one shared destination: with a shared one the last flag silently wins.
+    if tiny and full:
+        raise LanceUsageError("--tiny and --full contradict each other; choose one")
+    if not (tiny or full):
+        raise LanceUsageError("choose --tiny or --full")
+    size = "tiny" if tiny else "full"
+    import math
     import sys
 
     import torch
@@ -48,7 +55,9 @@ def make_cmd(out: str, size: str | None, dtype: str, seed: int, force: bool, out
     from lance_deploy.checkpoint.outliers import DEFAULT_FACTOR
 
     if outlier_factor is not None and not outliers:
-        raise click.UsageError("--outlier-factor needs --outliers")
+        raise LanceUsageError("--outlier-factor needs --outliers")
+    if outlier_factor is not None and not (math.isfinite(outlier_factor) and outlier_factor > 1):
+        raise LanceUsageError(f"--outlier-factor {outlier_factor}: expected a finite number above 1")
     path = make_checkpoint(out, size=size, dtype=getattr(torch, dtype), seed=seed, force=force, log=log,
                            outliers=outliers, outlier_factor=outlier_factor or DEFAULT_FACTOR)
     click.echo(f"wrote {path}")

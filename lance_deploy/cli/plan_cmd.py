@@ -23,7 +23,9 @@ def plan_cmd(ckpt: str, recipe_name: str, as_json: bool, variant: str | None, vi
              vae: str | None) -> None:
     """Print which format, algorithm and rule each tensor gets, and the projected bytes.
 
-    Rules are tried in order and the first match wins; every Linear weight must match one.
+    Rules are tried in order and the first match wins; every Linear weight must match one. A rule
+    that matches no tensor is a warning here (and in --json's "warnings"); quantize refuses it
+    unless --allow-unmatched.
     Only file headers are read, so this is instant even for the full release.
 
     \b
@@ -37,5 +39,7 @@ def plan_cmd(ckpt: str, recipe_name: str, as_json: bool, variant: str | None, vi
     plan = plan_checkpoint(ckpt, load_recipe(recipe_name), vit=vit, vae=vae, variant=variant)
     if as_json:
         echo_json({"checkpoint": ckpt, **plan_to_dict(plan)})
+        for w in plan.unmatched_warnings:  # the table prints them itself
+            click.echo(f"warning: {w}", err=True)
         return
     click.echo(format_plan(plan))

@@ -65,25 +65,51 @@ Examples:
 @click.option("--budget", help="Weight byte budget (12GiB, 16GB, ...): measure each layer group's sensitivity and "
                                "choose per-group formats within it (default: the recipe's budget section, if any). "
                                "The chosen recipe and report are written to OUT.budget.yaml / OUT.budget.json.")
+@click.option("--allow-unmatched", is_flag=True, help="Quantize even if a rule matches no tensor (see `plan`).")
 @click.option("--json", "as_json", is_flag=True)
-def quantize_cmd(ckpt, recipe, out_dir, work_dir, vit, vae, samples, device, restart, overwrite, budget, as_json):
-    """Quantize the release checkpoint CKPT with RECIPE into an artifact folder (resumable)."""
+def quantize_cmd(ckpt, recipe, out_dir, work_dir, vit, vae, samples, device, restart, overwrite, budget,
+                 allow_unmatched, as_json):
+    """Quantize the release checkpoint CKPT with RECIPE into an artifact folder (resumable).
+
+    One run per OUT (and per job folder): a second is refused naming the first one's pid. A run
+    killed at any point resumes from the job folder when started again with the same arguments.
+    """
+    from lance_deploy.core.lock import PathLock
     from lance_deploy.pipeline.pipeline import resolve_device
     from lance_deploy.quant.quantize import quantize
 
     recipe_obj, device, programs = _recipe(recipe, samples), resolve_device(device), None
-    if budget is not None or recipe_obj.budget is not None:
-        recipe_obj, programs = _apply_budget(ckpt, recipe_obj, budget, out_dir, vit, vae, device, as_json)
-    res = quantize(ckpt, recipe_obj, out_dir, work_dir=work_dir, vit=vit, vae=vae, programs=programs,
-                   device=device, restart=restart, overwrite=overwrite, progress=not as_json)
+    with PathLock(out_dir, "--out") as lock:  # before the budget search, which is long and writes beside OUT
+        _check_rules(ckpt, recipe, recipe_obj, vit, vae, allow_unmatched)
+        if budget is not None or recipe_obj.budget is not None:
+            recipe_obj, programs = _apply_budget(ckpt, recipe_obj, budget, out_dir, vit, vae, device, as_json)
+        res = quantize(ckpt, recipe_obj, out_dir, work_dir=work_dir, vit=vit, vae=vae, programs=programs,
+                       device=device, restart=restart, overwrite=overwrite, progress=not as_json)
+    notes = (lock.note, *res.notes) if lock.note else res.notes
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     summary = {"out": str(res.out_dir), "seconds": round(res.seconds, 2), "resumed_layers": res.resumed_layers,
-               "bytes": res.plan.total_bytes, "bf16_bytes": res.plan.bf16_bytes, "calibration": res.calibration}
+               "bytes": res.plan.total_bytes, "bf16_bytes": res.plan.bf16_bytes, "calibration": res.calibration,
+               "notes": list(notes)}
     if as_json:
         echo_json(summary)
         return
     click.echo(f"wrote {res.out_dir} ({res.plan.total_bytes / 2**30:.2f} GiB of weights, "
                f"{res.plan.bf16_bytes / 2**30:.2f} GiB in bf16) in {res.seconds:.1f} s"
                + (f", {res.resumed_layers} layers resumed" if res.resumed_layers else ""))
+
+
+def _check_rules(ckpt, name: str, recipe, vit, vae, allow: bool) -> None:
+    """A rule that matches no tensor is a typo or the wrong model: refused unless --allow-unmatched."""
+    from lance_deploy.core.errors import LanceUsageError
+    from lance_deploy.quant.plan import plan_checkpoint
+
+    warnings = plan_checkpoint(ckpt, recipe, vit=vit, vae=vae).unmatched_warnings
+    if warnings and not allow:
+        raise LanceUsageError(f"--recipe {name}: {'; '.join(warnings)} of {ckpt}; fix its match (see `lance-deploy "
+                              "plan`) or pass --allow-unmatched")
+    for w in warnings:
+        click.echo(f"warning: --recipe {name}: {w}", err=True)
 
 
 def _apply_budget(ckpt, recipe, budget, out_dir: Path, vit, vae, device, as_json: bool):

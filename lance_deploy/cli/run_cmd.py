@@ -11,6 +11,7 @@ import torch
 from lance_deploy.cli.common import echo_json
 from lance_deploy.cli.plan_memory import MARKERS_OPTION
 from lance_deploy.core.errors import LanceError
+from lance_deploy.core.fsutil import check_output_path
 from lance_deploy.core.tasks import TASKS, VIDEO_OUTPUT_TASKS, VIDEO_TASKS
 from lance_deploy.core.units import parse_size
 
@@ -66,19 +67,26 @@ Examples:
 def run_command(task, model_path, vit, vae, as_json, quiet, out, save_latents, backend, graphs, gpu_memory, markers,
                 **opts):
     """Run TASK (t2i, t2v, i2v, image_edit, video_edit, x2t_image, x2t_video)."""
-    from lance_deploy.cli.run_request import build_request, write_outputs
+    from lance_deploy.cli.run_request import build_request, default_out, write_outputs
     from lance_deploy.pipeline.pipeline import LancePipeline, resolve_device, resolve_dtype
     from lance_deploy.planning.request import default_budget, plan_residency
 
     start = time.perf_counter()
+    # Everything that can be refused is refused here, before a byte of weights is read.
+    if out is None and not task.startswith("x2t"):
+        out = default_out(task, opts.get("frames"))
+    _check_backend(task, backend)
     _check_out(task, out, opts.get("frames"))
+    if save_latents is not None:
+        check_output_path(save_latents, "--save-latents")
     req = build_request(task, opts)
+    budget = parse_size(gpu_memory) if gpu_memory is not None else None
+    device = resolve_device(opts["device"])
+    dt = resolve_dtype(opts["dtype"], device)
     engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
     plan = None
-    device = resolve_device(opts["device"])
-    if gpu_memory is not None or device.type == "cuda":  # on CUDA the default budget is free memory - 1 GiB
-        budget = parse_size(gpu_memory) if gpu_memory is not None else default_budget()
-        dt = resolve_dtype(opts["dtype"], device)
+    if budget is not None or device.type == "cuda":  # on CUDA the default budget is free memory - 1 GiB
+        budget = budget if budget is not None else default_budget()
         plan = plan_residency(model_path, req, budget, dt, vit=vit, vae=vae, markers=markers)
     pipe = None
     try:
@@ -118,22 +126,30 @@ def _backend(task, name, graphs, model_path, vit, vae, quiet):
     """The `--backend` object (None for torch), built before any weights load so its errors come first."""
     if name == "torch" and graphs is None:
         return None
-    from lance_deploy.core.errors import LanceUsageError
     from lance_deploy.export.backend import make_backend
 
-    if task.startswith("x2t") and name != "torch":
-        raise LanceUsageError(f"--backend {name} covers the generation tasks; run {task} with --backend torch")
+    _check_backend(task, name)
     variant = "video" if task in VIDEO_TASKS else "image"
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     return make_backend(name, model_path, graphs, vit=vit, vae=vae, variant=variant, log=log)
+
+
+def _check_backend(task: str, name: str) -> None:
+    from lance_deploy.core.errors import LanceUsageError
+
+    if task.startswith("x2t") and name != "torch":
+        raise LanceUsageError(f"--backend {name} covers the generation tasks; run {task} with --backend torch")
 
 
 def _check_out(task: str, out, frames) -> None:
     """Refuse an output name that cannot hold the result before any work is done."""
     from lance_deploy.core.errors import LanceUsageError
 
+    if out is None:
+        return
     video = task in VIDEO_OUTPUT_TASKS and frames != 1
-    if out is not None and video and out.suffix.lower() != ".mp4":
+    if video and out.suffix.lower() != ".mp4":
         raise LanceUsageError(f"--out {out}: {task} writes a video; give a .mp4 path")
-    if out is not None and task.startswith("x2t") and out.suffix.lower() in (".png", ".mp4"):
+    if task.startswith("x2t") and out.suffix.lower() in (".png", ".mp4"):
         raise LanceUsageError(f"--out {out}: {task} writes text; give a .txt path")
+    check_output_path(out, "--out")

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from lance_deploy.core.errors import LanceUsageError
-from lance_deploy.core.fsutil import atomic_path
+from lance_deploy.core.fsutil import publish_bytes
+from lance_deploy.core.tasks import VIDEO_OUTPUT_TASKS
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
 
@@ -24,31 +25,44 @@ def _load_noise(path: Path) -> torch.Tensor:
         raise LanceUsageError(f"--init-noise {path}: not a readable safetensors file ({e})") from None
     if "noise" not in tensors:
         raise LanceUsageError(f"--init-noise {path}: no tensor named 'noise' (found {', '.join(tensors) or 'none'})")
-    return tensors["noise"]
+    noise = tensors["noise"]
+    if not noise.is_floating_point() or not bool(torch.isfinite(noise).all()):
+        raise LanceUsageError(f"--init-noise {path}: tensor 'noise' must hold finite floats ({noise.dtype})")
+    return noise
 
 
 def build_request(task: str, o: dict) -> TaskRequest:
-    """Read media and files named by the options; nothing heavy is loaded here."""
+    """Check every option, then read the media and files they name; nothing heavy is loaded here."""
     from lance_deploy.media.io import read_image, read_video
 
-    image = read_image(o["image"]) if o.get("image") else None
-    video, fps = (read_video(o["video"], o.get("fps")) if o.get("video") else (None, None))
     sampler = SamplerConfig(steps=o["steps"], shift=o["shift"], cfg_scale=o["cfg"])
-    return TaskRequest(
+    req = TaskRequest(
         task=task, prompt=o.get("prompt"), question=o.get("question"), system=o.get("system"),
-        image=image, video=video, video_fps=fps, height=o.get("height"), width=o.get("width"),
-        frames=o.get("frames"), sampler=sampler, seed=o["seed"], preset=o.get("preset"),
-        vae_area_side=o.get("vae_area_side"), vit_area_side=o.get("vit_area_side"),
-        init_noise=_load_noise(o["init_noise"]) if o.get("init_noise") else None,
+        height=o.get("height"), width=o.get("width"), frames=o.get("frames"), sampler=sampler, seed=o["seed"],
+        preset=o.get("preset"), vae_area_side=o.get("vae_area_side"), vit_area_side=o.get("vit_area_side"),
         max_new_tokens=o["max_new_tokens"],
     )
+    req.validate(media=False)  # a bad number or a missing --prompt never waits for a decode
+    if o.get("image"):
+        req.image = read_image(o["image"])
+    if o.get("video"):
+        req.video, req.video_fps = read_video(o["video"], o.get("fps"))
+    if o.get("init_noise"):
+        req.init_noise = _load_noise(o["init_noise"])
+    return req.validate()
 
 
 def _save_latents(latents, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    with atomic_path(path) as tmp:
-        save_file({f"final_latent_{i}": t.contiguous() for i, t in enumerate(latents)}, str(tmp))
+    data = save({f"final_latent_{i}": t.contiguous() for i, t in enumerate(latents)})
+    publish_bytes(path, data, what="latents")
+
+
+def default_out(task: str, frames: int | None) -> Path:
+    """The output name when --out is not given: an MP4 unless the result is a single frame."""
+    video = task in VIDEO_OUTPUT_TASKS and frames != 1
+    return Path(f"lance-{task}.{'mp4' if video else 'png'}")
 
 
 def write_outputs(task: str, result, out: Path | None, save_latents: Path | None) -> dict:
@@ -59,13 +73,12 @@ def write_outputs(task: str, result, out: Path | None, save_latents: Path | None
     if hasattr(result, "text"):
         summary.update(text=result.text, token_ids=result.token_ids)
         if out is not None:
-            with atomic_path(out) as tmp:
-                Path(tmp).write_text(result.text + "\n", encoding="utf-8")
+            publish_bytes(out, (result.text + "\n").encode("utf-8"), what="text")
             summary["output"] = str(out)
         return summary
     frames = result.frames
     is_image = frames.shape[0] == 1
-    out = out or Path(f"lance-{task}.{'png' if is_image else 'mp4'}")
+    out = out or default_out(task, frames.shape[0])
     if is_image and out.suffix.lower() != ".mp4":
         write_image(frames[0], out)
     else:

@@ -16,6 +16,12 @@ EXTRAS = {
     "onnxruntime": ("onnx", "onnxruntime verification and --backend onnxruntime"),
     "bitsandbytes": ("bnb", "the bitsandbytes nf4 kernels"),
     "tensorrt": ("trt", "TensorRT engines"),
+    "fastapi": ("serve", "lance-deploy serve"),
+    "uvicorn": ("serve", "lance-deploy serve"),
+    "sse_starlette": ("serve", "lance-deploy serve"),
+    "python_multipart": ("serve", "lance-deploy serve (multipart uploads)"),
+    "gradio": ("serve", "the web UI"),
+    "ray": ("ray", "lance-deploy serve --ray"),
 }
 TRT_HINT = ("TensorRT is not installed: pip install tensorrt --extra-index-url https://pypi.nvidia.com "
             "(needs an NVIDIA GPU)")

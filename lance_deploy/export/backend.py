@@ -101,7 +101,7 @@ class OrtBackend(_GraphBackend):
     def __init__(self, model: Path, graphs: Path | None = None, vit=None, vae=None, variant: str | None = None,
                  log: Callable[[str], None] = lambda s: None):
         from lance_deploy.checkpoint.layout import discover
-        from lance_deploy.export.onnx_export import onnx_modules
+        from lance_deploy.export.graph_file import onnx_modules
         from lance_deploy.export.sources import open_source
 
         onnx_modules()  # the install hint before any model is loaded

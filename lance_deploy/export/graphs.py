@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lance_deploy.model.mot import GEN, MoTLayer
+from lance_deploy.model.mot import MoTLayer
 from lance_deploy.model.rope import apply_rope
+from lance_deploy.model.tree import GEN
 from lance_deploy.model.vit import QwenViT, full_attention_lens, patch_hw_positions, segment_groups, window_plan
 
 
@@ -85,7 +86,7 @@ class GenLayerGraph(nn.Module):
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, past_key: Tensor, past_value: Tensor) -> Tensor:
         L, a = self.layer, self.layer.self_attn
         und, gen = _split_markers(hidden)
-        qkv = _join_markers(a._qkv(L.input_layernorm(und), ""), a._qkv(L.input_layernorm_moe_gen(gen), GEN))
+        qkv = _join_markers(a.qkv(L.input_layernorm(und), ""), a.qkv(L.input_layernorm_moe_gen(gen), GEN))
         q, k, v = _rope_qkv(L, qkv, cos, sin, hidden.dtype)
         k_all, v_all = torch.cat([past_key, k]), torch.cat([past_value, v])
         o_und, o_gen = _split_markers(layer_attention(q, k_all, v_all, None))
@@ -114,7 +115,7 @@ class UndLayerGraph(nn.Module):
 
     def forward(self, hidden, cos, sin, past_key, past_value, causal) -> tuple[Tensor, Tensor, Tensor]:
         L, a = self.layer, self.layer.self_attn
-        q, k, v = _rope_qkv(L, a._qkv(L.input_layernorm(hidden), ""), cos, sin, hidden.dtype)
+        q, k, v = _rope_qkv(L, a.qkv(L.input_layernorm(hidden), ""), cos, sin, hidden.dtype)
         k_all, v_all = torch.cat([past_key, k]), torch.cat([past_value, v])
         x = hidden + a.o_proj(layer_attention(q, k_all, v_all, causal))
         return x + L.mlp(L.post_attention_layernorm(x)), k_all, v_all
@@ -140,7 +141,7 @@ class ViTGraph(nn.Module):
         index, lens = window_plan(thw, vit.window_units, cfg.spatial_merge_size)
         n = grid[1] * grid[2]
         hw = patch_hw_positions(thw, cfg.spatial_merge_size).view(n // unit, unit, 2)[index].reshape(n, 2)
-        cos, sin = vit._rotary(hw)
+        cos, sin = vit.rotary(hw)
         # Constants of the static grid (traced into initializers), computed once on the CPU here.
         self.register_buffer("window_index", index, persistent=False)
         self.register_buffer("inverse_index", torch.argsort(index), persistent=False)

@@ -1,6 +1,6 @@
 """`export onnx`: trace the requested parts into an export folder, atomically.
 
-Exporter choice (measured on torch 2.13, see tests/test_export_onnx.py):
+Exporter choice (measured on torch 2.13, see tests/export/test_export_onnx.py):
 
 * ``torchscript`` (default, ``dynamo=False``): 0.3-0.5 s per layer graph, keeps the declared
   dynamic axes (n, Lc) dynamic, needs no extra package. It is deprecated upstream, so
@@ -30,22 +30,27 @@ from lance_deploy.artifact.graph_manifest import (
     MANIFEST,
     GraphEntry,
     Manifest,
-    TensorSpec,
     export_identity,
     load_manifest,
     write_manifest,
 )
 from lance_deploy.core.errors import LanceUsageError
-from lance_deploy.core.fsutil import sha256_file
+from lance_deploy.core.fsutil import remove_stale_siblings
+from lance_deploy.core.lock import PathLock
 from lance_deploy.core.optional import require
+from lance_deploy.export.graph_file import (
+    GRAPHS_DIR,
+    OPSET,
+    onnx_modules,
+    pin_static_outputs,
+    save_graph,
+    trace_dir,
+)
 from lance_deploy.export.parts import BUILDERS, GraphJob
 from lance_deploy.export.presets import PARTS, preset_shapes
 from lance_deploy.export.sources import open_source
 
 EXPORTERS = ("torchscript", "dynamo")
-OPSET = 17
-GRAPHS_DIR = "graphs"
-EXTERNAL_THRESHOLD = 1024  # bytes: every weight tensor goes to the .data file, small constants stay inline
 
 
 @dataclass(frozen=True)
@@ -69,11 +74,6 @@ class ExportRequest:
                 "layers": None if self.layers is None else sorted(self.layers), "exporter": self.exporter,
                 "vae_tile": None if self.vae_tile is None else list(self.vae_tile),
                 "opset": OPSET, "dtype": "float32"}
-
-
-def onnx_modules():
-    """(onnx, onnxruntime) or a LanceError with the install hint."""
-    return require("onnx"), require("onnxruntime")
 
 
 def _check_request(req: ExportRequest) -> None:
@@ -109,15 +109,6 @@ def _describe(request: dict) -> str:
     return f"{'+'.join(request.get('parts', []))} at {request.get('preset')}, layers {request.get('layers') or 'all'}"
 
 
-def _tensor_specs(values, onnx) -> list[TensorSpec]:
-    specs = []
-    for v in values:
-        t = v.type.tensor_type
-        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
-        specs.append(TensorSpec(v.name, str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), shape))
-    return specs
-
-
 def _trace(job: GraphJob, path: Path, exporter: str) -> None:
     kwargs = {"dynamo": False} if exporter == "torchscript" else {"dynamo": True, "optimize": True}
     if exporter == "dynamo":
@@ -130,22 +121,6 @@ def _trace(job: GraphJob, path: Path, exporter: str) -> None:
                           opset_version=OPSET, do_constant_folding=True, **kwargs)
 
 
-def _pin_static_outputs(model, job: GraphJob) -> None:
-    """Write concrete sizes into output dims the exporter left symbolic but that are not dynamic.
-
-    The TorchScript exporter loses static sizes through some Reshapes (the VAE's unpatchify) and
-    names them like 'Reshapepixels_dim_0'; engines and the manifest need the real numbers.
-    """
-    with torch.no_grad():
-        outs = job.module(*job.args)
-    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-    for value, tensor in zip(model.graph.output, outs):
-        declared = job.dynamic_axes.get(value.name, {})
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if axis not in declared:
-                dim.dim_value = int(tensor.shape[axis])  # setting the value clears dim_param
-
-
 def export_graph(job: GraphJob, root: Path, preset: str, exporter: str) -> GraphEntry:
     """Trace one job into root/graphs/<name>.onnx (+ .onnx.data) and describe it."""
     from lance_deploy.formats.qlinear import QLinear
@@ -155,33 +130,11 @@ def export_graph(job: GraphJob, root: Path, preset: str, exporter: str) -> Graph
 
         return export_qdq_graph(job, root, preset)
     onnx, _ = onnx_modules()
-    raw_dir = Path(tempfile.mkdtemp(prefix=f".raw-{job.name}-", dir=root))
-    try:
+    with trace_dir(job, root) as raw_dir:
         _trace(job, raw_dir / "model.onnx", exporter)
         model = onnx.load(str(raw_dir / "model.onnx"))  # pulls in any external data the exporter wrote
-        _pin_static_outputs(model, job)
+        pin_static_outputs(model, job)
         return save_graph(model, job, root, preset, dict(job.meta, opset=OPSET))
-    finally:
-        shutil.rmtree(raw_dir, ignore_errors=True)
-
-
-def save_graph(model, job: GraphJob, root: Path, preset: str, meta: dict) -> GraphEntry:
-    """Write `model` as root/graphs/<name>.onnx with its weights in <name>.onnx.data; check it and
-    return its manifest entry (files, hashes, shapes, profiles)."""
-    onnx, _ = onnx_modules()
-    graphs = root / GRAPHS_DIR
-    final, data = graphs / f"{job.name}.onnx", f"{job.name}.onnx.data"
-    onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data, size_threshold=EXTERNAL_THRESHOLD)
-    onnx.checker.check_model(str(final))
-    external = [f"{GRAPHS_DIR}/{data}"] if (graphs / data).is_file() else []
-    rel = f"{GRAPHS_DIR}/{final.name}"
-    return GraphEntry(
-        name=job.name, part=job.part, preset=preset, file=rel, external_data=external,
-        sha256={p: sha256_file(root / p) for p in [rel, *external]},
-        inputs=_tensor_specs(model.graph.input, onnx), outputs=_tensor_specs(model.graph.output, onnx),
-        profiles=job.profiles, meta=meta,
-    )
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -197,8 +150,14 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def export_onnx(req: ExportRequest, log: Callable[[str], None] = lambda s: None) -> Manifest:
-    """Export every requested part of `req.model` at `req.preset` into `req.out`; returns the manifest."""
+    """Export every requested part of `req.model` at `req.preset` into `req.out`; returns the manifest.
+    One export per --out at a time: a second is refused naming the first (``core/lock.py``)."""
     _check_request(req)
+    with PathLock(req.out.resolve(), "--out"):
+        return _export_locked(req, log)
+
+
+def _export_locked(req: ExportRequest, log: Callable[[str], None]) -> Manifest:
     shapes = preset_shapes(req.preset, req.aspect, req.vae_tile)
     onnx, _ = onnx_modules()
     source = open_source(req.model, vit=req.vit, vae=req.vae)
@@ -207,7 +166,11 @@ def export_onnx(req: ExportRequest, log: Callable[[str], None] = lambda s: None)
     out = req.out.resolve()
     _check_out(out, identity, req.force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # The pid in the name lets a later export remove what a killed one left (never a live one's).
+    partial = f".{out.name}.partial-"
+    for stale in remove_stale_siblings(out.parent, partial):
+        log(f"removed {stale.name}, left by an export that was killed")
+    tmp = Path(tempfile.mkdtemp(prefix=f"{partial}{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the export folder should look like any other

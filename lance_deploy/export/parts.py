@@ -48,28 +48,29 @@ def layer_inputs(source: Source, n: int, lc: int, seed: int) -> tuple[Tensor, ..
             torch.randn(kv, generator=g), torch.randn(kv, generator=g))
 
 
-_LAYER_AXES = {"hidden": {0: "n"}, "cos": {0: "n"}, "sin": {0: "n"}, "past_key": {0: "Lc"},
-               "past_value": {0: "Lc"}, "hidden_out": {0: "n"}}
+LAYER_AXES = {"hidden": {0: "n"}, "cos": {0: "n"}, "sin": {0: "n"}, "past_key": {0: "Lc"},
+              "past_value": {0: "Lc"}, "hidden_out": {0: "n"}}
+"""Dynamic axes of a layer graph; an und layer also returns its KV cache (``UND_LAYER_AXES``)."""
+UND_LAYER_AXES = dict(LAYER_AXES, present_key={0: "Lc_plus_n"}, present_value={0: "Lc_plus_n"})
 
 
 def gen_layer_jobs(source: Source, shapes: PresetShapes, layers: list[int]) -> Iterator[GraphJob]:
     for i in layers:
         module = GenLayerGraph(source.layer(i, with_gen=True))
         yield GraphJob(f"gen-layer.{i:02d}", "gen-layer", module, layer_inputs(source, *TRACE_TOKENS, seed=i),
-                       list(module.input_names), list(module.output_names), dict(_LAYER_AXES),
+                       list(module.input_names), list(module.output_names), dict(LAYER_AXES),
                        {"n": shapes.gen_tokens.as_list(), "Lc": shapes.context.as_list()}, {"layer": i})
 
 
 def und_layer_jobs(source: Source, shapes: PresetShapes, layers: list[int]) -> Iterator[GraphJob]:
-    axes = dict(_LAYER_AXES, present_key={0: "Lc_plus_n"}, present_value={0: "Lc_plus_n"})
     # The first prefill chunk has no past: Lc may be 0 (onnxruntime handles empty tensors).
     context = [0, *shapes.context.as_list()[1:]]
     for i in layers:
         module = UndLayerGraph(source.layer(i, with_gen=False))
         args = (*layer_inputs(source, *TRACE_TOKENS, seed=i), torch.tensor([True]))
         yield GraphJob(f"und-layer.{i:02d}", "und-layer", module, args, list(module.input_names),
-                       list(module.output_names), axes, {"n": shapes.und_tokens.as_list(), "Lc": context},
-                       {"layer": i})
+                       list(module.output_names), dict(UND_LAYER_AXES),
+                       {"n": shapes.und_tokens.as_list(), "Lc": context}, {"layer": i})
 
 
 def vit_jobs(source: Source, shapes: PresetShapes, layers: list[int]) -> Iterator[GraphJob]:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from lance_deploy.core.optional import require
+from lance_deploy.export.graph_file import GRAPHS_DIR, OPSET, pin_static_outputs, save_graph, trace_dir
 from lance_deploy.formats.qlinear import QLinear
 
 if TYPE_CHECKING:
@@ -178,18 +179,12 @@ def export_qdq_graph(job: GraphJob, root: Path, preset: str) -> GraphEntry:
     Writes root/graphs/<name>.onnx (+ .onnx.data) at opset 21 with Q/DQ nodes and quantized
     initializers; the entry's meta records the opset and each Linear's format.
     """
-    import shutil
-    import tempfile
     import warnings
 
     onnx = require("onnx")
 
-    from lance_deploy.export.onnx_export import GRAPHS_DIR, OPSET, _pin_static_outputs, save_graph
-
-    graphs = root / GRAPHS_DIR
-    graphs.mkdir(parents=True, exist_ok=True)
-    raw_dir = Path(tempfile.mkdtemp(prefix=f".raw-{job.name}-", dir=root))
-    try:
+    (root / GRAPHS_DIR).mkdir(parents=True, exist_ok=True)
+    with trace_dir(job, root) as raw_dir:
         with qdq_swapped(job.module) as registry:
             if not registry:
                 raise ValueError(f"graph {job.name}: no QLinear to export as Q/DQ (use export_graph)")
@@ -201,12 +196,10 @@ def export_qdq_graph(job: GraphJob, root: Path, preset: str) -> GraphEntry:
                                   custom_opsets={DOMAIN: 1})
             model = upgrade_opset(onnx.load(str(raw_dir / "model.onnx")))
             expand_placeholders(model, registry)
-            _pin_static_outputs(model, job)
+            pin_static_outputs(model, job)
             formats, packed = formats_of(registry), quantized_bytes(registry)
         meta = dict(job.meta, opset=QDQ_OPSET, quantized=formats, packed_weight_bytes=packed)
         return save_graph(model, job, root, preset, meta)
-    finally:
-        shutil.rmtree(raw_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- node builders

@@ -2,7 +2,7 @@
 
 The references are the model's own code paths, not the export wrappers: `MoTLayer.forward` with
 a `Routing` and a `KVCache` for the layers, `QwenViT.forward` for the ViT, and the streaming
-`WanVAE._decode_frames` / `_encode_frames` (freshly loaded, unmodified) for the VAE. The VAE
+`WanVAE.decode_frames` / `encode_frames` (freshly loaded, unmodified) for the VAE. The VAE
 graphs are checked as a chain (first chunk, then a step fed with the first graph's cache
 outputs), which also proves the cache plumbing. Layer graphs run at two or three sizes so the
 dynamic axes are exercised.
@@ -37,7 +37,8 @@ class Comparison:
     expected: Tensor
 
 
-def _kv_cache(source: Source, layer: int, past_k: Tensor, past_v: Tensor):
+def kv_cache(source: Source, layer: int, past_k: Tensor, past_v: Tensor):
+    """A KVCache holding a layer graph's past_key / past_value inputs for `layer` (empty when Lc = 0)."""
     from lance_deploy.model.attention import KVCache
 
     cache = KVCache(source.cfg.num_hidden_layers)
@@ -46,20 +47,26 @@ def _kv_cache(source: Source, layer: int, past_k: Tensor, past_v: Tensor):
     return cache
 
 
+def _layer_cases(source: Source, entries: list[GraphEntry], with_gen: bool, sizes, seed: int):
+    """(entry, layer index, layer, size, inputs) for every layer graph at every size in `sizes`
+    (each starting (n, Lc)); each layer is loaded once, its inputs seeded by `seed` + layer."""
+    for e in entries:
+        i = e.meta["layer"]
+        layer = source.layer(i, with_gen=with_gen)
+        for size in sizes:
+            yield e, i, layer, size, layer_inputs(source, size[0], size[1], seed=seed + i)
+
+
 def check_gen_layer(source: Source, entries: list[GraphEntry], run: Runner) -> list[Comparison]:
     from lance_deploy.model.mot import Routing
 
     out = []
-    for e in entries:
-        i = e.meta["layer"]
-        layer = source.layer(i, with_gen=True)
-        for n, lc in GEN_SIZES:
-            x, cos, sin, pk, pv = layer_inputs(source, n, lc, seed=1000 + i)
-            with torch.no_grad():
-                ref = layer(x, (cos, sin), Routing.of(n, torch.arange(1, n - 1)), _kv_cache(source, i, pk, pv),
-                            False, False)
-            got = run(e, dict(hidden=x, cos=cos, sin=sin, past_key=pk, past_value=pv))
-            out.append(Comparison(e.name, "hidden_out", f"n={n},Lc={lc}", got["hidden_out"], ref))
+    for e, i, layer, (n, lc), (x, cos, sin, pk, pv) in _layer_cases(source, entries, True, GEN_SIZES, 1000):
+        with torch.no_grad():
+            ref = layer(x, (cos, sin), Routing.of(n, torch.arange(1, n - 1)), kv_cache(source, i, pk, pv),
+                        False, False)
+        got = run(e, dict(hidden=x, cos=cos, sin=sin, past_key=pk, past_value=pv))
+        out.append(Comparison(e.name, "hidden_out", f"n={n},Lc={lc}", got["hidden_out"], ref))
     return out
 
 
@@ -67,19 +74,15 @@ def check_und_layer(source: Source, entries: list[GraphEntry], run: Runner) -> l
     from lance_deploy.model.mot import Routing
 
     out = []
-    for e in entries:
-        i = e.meta["layer"]
-        layer = source.layer(i, with_gen=False)
-        for n, lc, causal in UND_SIZES:
-            x, cos, sin, pk, pv = layer_inputs(source, n, lc, seed=2000 + i)
-            cache = _kv_cache(source, i, pk, pv)
-            with torch.no_grad():
-                ref = layer(x, (cos, sin), Routing(), cache, causal, True)
-            got = run(e, dict(hidden=x, cos=cos, sin=sin, past_key=pk, past_value=pv, causal=torch.tensor([causal])))
-            case = f"n={n},Lc={lc},causal={causal}"
-            out += [Comparison(e.name, "hidden_out", case, got["hidden_out"], ref),
-                    Comparison(e.name, "present_key", case, got["present_key"], cache.keys[i]),
-                    Comparison(e.name, "present_value", case, got["present_value"], cache.values[i])]
+    for e, i, layer, (n, lc, causal), (x, cos, sin, pk, pv) in _layer_cases(source, entries, False, UND_SIZES, 2000):
+        cache = kv_cache(source, i, pk, pv)
+        with torch.no_grad():
+            ref = layer(x, (cos, sin), Routing(), cache, causal, True)
+        got = run(e, dict(hidden=x, cos=cos, sin=sin, past_key=pk, past_value=pv, causal=torch.tensor([causal])))
+        case = f"n={n},Lc={lc},causal={causal}"
+        out += [Comparison(e.name, "hidden_out", case, got["hidden_out"], ref),
+                Comparison(e.name, "present_key", case, got["present_key"], cache.keys[i]),
+                Comparison(e.name, "present_value", case, got["present_value"], cache.values[i])]
     return out
 
 
@@ -111,7 +114,7 @@ def check_vae_decoder(source: Source, entries: list[GraphEntry], run: Runner) ->
     vae, (th, tw) = source.vae("decoder"), entries[0].meta["tile"]
     z = torch.randn(1, LATENT_CHANNELS, 2, th, tw, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        ref = vae._decode_frames(vae.denormalize(z), StreamCache())  # [1, 3, 5, 16th, 16tw]
+        ref = vae.decode_frames(vae.denormalize(z), StreamCache())  # [1, 3, 5, 16th, 16tw]
     roles, first, step = _chain(entries, run, {"z": z[:, :, :1]}, {"z": z[:, :, 1:]})
     return [Comparison(roles["first"].name, "pixels", "latent frame 0", first["pixels"], ref[:, :, :1]),
             Comparison(roles["step"].name, "pixels", "latent frame 1", step["pixels"], ref[:, :, 1:])]
@@ -123,7 +126,7 @@ def check_vae_encoder(source: Source, entries: list[GraphEntry], run: Runner) ->
     vae, (th, tw) = source.vae("encoder"), entries[0].meta["tile"]
     x = torch.rand(1, 3, 5, 16 * th, 16 * tw, generator=torch.Generator().manual_seed(5)) * 2 - 1
     with torch.no_grad():
-        mu, log_var = vae._encode_frames(x, StreamCache())
+        mu, log_var = vae.encode_frames(x, StreamCache())
     latent = vae.normalize(mu)
     roles, first, step = _chain(entries, run, {"pixels": x[:, :, :1]}, {"pixels": x[:, :, 1:]})
     out = []

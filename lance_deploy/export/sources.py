@@ -8,17 +8,18 @@ keeps the PyTorch reference of `verify` identical to what was traced.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lance_deploy.checkpoint.layout import ReleaseLayout, discover
-from lance_deploy.checkpoint.loader import load_into
+from lance_deploy.checkpoint.loader import load_layer, load_new
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.config import LLMConfig, VisionConfig
 from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.model.meta import build_on_meta
+from lance_deploy.model.tree import layer_prefix
 
 HEAD_BYTES = 1 << 20  # fingerprint: size + sha256 of the first MiB (covers a safetensors header)
 
@@ -49,27 +50,17 @@ class Source:
 
     def layer(self, index: int, with_gen: bool):
         """MoT layer `index` in float32 on the CPU (with or without the generation expert)."""
-        from lance_deploy.model.mot import MoTLayer
-
-        if not 0 <= index < self.cfg.num_hidden_layers:
-            raise LanceUsageError(f"--layers {index}: the model has layers 0..{self.cfg.num_hidden_layers - 1}")
-        with torch.device("meta"):
-            layer = MoTLayer(self.cfg, index, with_gen)
+        _check_layer(self.cfg, index)
         with SafetensorsReader(self.layout.weights_file) as reader:
-            load_into(layer, reader, dtype=torch.float32, prefix=f"language_model.model.layers.{index}.")
-        return layer.eval()
+            return load_layer(reader, self.cfg, index, with_gen=with_gen)
 
     def vit(self):
         """The ViT the model uses (bundled `vit_model.*` wins, as upstream), float32 on the CPU."""
         from lance_deploy.model.vit import QwenViT
 
         src = self.layout.require_vit()
-        # Built on the CPU, not on meta: the rotary `inv_freq` buffer is non-persistent, so a
-        # meta build would leave it unset after loading.
-        vit = QwenViT(self.vision)
         with SafetensorsReader(src.file) as reader:
-            load_into(vit, reader, dtype=torch.float32, prefix=src.prefix)
-        return vit.eval()
+            return load_new(lambda: QwenViT(self.vision), reader, dtype=torch.float32, prefix=src.prefix)
 
     def vae(self, part: str):
         """The VAE with only `part` ('encoder' or 'decoder') materialised, float32 on the CPU."""
@@ -78,11 +69,9 @@ class Source:
         return load_vae(self.layout.require_vae(), dtype=torch.float32, device="cpu", parts=(part,))
 
 
-def _vision_config(layout: ReleaseLayout, cfg: LLMConfig) -> VisionConfig:
-    """The standalone ViT's config.json unless the model bundles its own ViT."""
-    if not layout.has_bundled_vit and layout.vit_dir is not None and (layout.vit_dir / "config.json").is_file():
-        return VisionConfig.from_dict(json.loads((layout.vit_dir / "config.json").read_text()))
-    return cfg.vision
+def _check_layer(cfg: LLMConfig, index: int) -> None:
+    if not 0 <= index < cfg.num_hidden_layers:
+        raise LanceUsageError(f"--layers {index}: the model has layers 0..{cfg.num_hidden_layers - 1}")
 
 
 @dataclass
@@ -111,13 +100,10 @@ class ArtifactSource:
         from lance_deploy.checkpoint import canonical as cn
         from lance_deploy.model.mot import MoTLayer
 
-        if not 0 <= index < self.cfg.num_hidden_layers:
-            raise LanceUsageError(f"--layers {index}: the model has layers 0..{self.cfg.num_hidden_layers - 1}")
-        with torch.device("meta"):
-            layer = MoTLayer(self.cfg, index, with_gen)
-        prefix = f"language_model.model.layers.{index}."
-        load_module(layer, self._reader(), lambda k: cn.to_canonical(prefix + k), torch.float32, "cpu")
-        return layer.eval()
+        _check_layer(self.cfg, index)
+        prefix = layer_prefix(index)
+        return build_on_meta(lambda: MoTLayer(self.cfg, index, with_gen), lambda layer: load_module(
+            layer, self._reader(), lambda k: cn.to_canonical(prefix + k), torch.float32, "cpu"))
 
     def vit(self):
         from lance_deploy.artifact.load import load_artifact_vit
@@ -136,7 +122,9 @@ def open_source(model: str | Path, vit: str | Path | None = None, vae: str | Pat
     from lance_deploy.artifact.load import is_artifact
 
     if is_artifact(model):
-        return ArtifactSource(Path(model), LLMConfig.from_file(Path(model) / "llm_config.json"))
+        from lance_deploy.artifact.reader import ArtifactReader
+
+        return ArtifactSource(Path(model), ArtifactReader(model).config())
     layout = discover(model, vit=vit, vae=vae)
     cfg = LLMConfig.from_file(layout.config_file)
-    return Source(layout=layout, cfg=cfg, vision=_vision_config(layout, cfg))
+    return Source(layout=layout, cfg=cfg, vision=layout.vision_config(cfg))

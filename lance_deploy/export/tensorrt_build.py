@@ -64,7 +64,8 @@ def profile_shapes(entry: GraphEntry) -> dict[str, tuple[list[int], list[int], l
     return shapes
 
 
-def _has_qdq(path: Path) -> bool:
+def has_qdq(path: Path) -> bool:
+    """Whether the ONNX graph at `path` holds Q/DQ nodes (a quantized export)."""
     onnx = require("onnx")
 
     model = onnx.load(str(path), load_external_data=False)
@@ -75,7 +76,7 @@ def typing_plan(trt, req: EngineRequest, entry: GraphEntry, path: Path) -> tuple
     """(strongly_typed, builder flags) for this graph at req.precision, or a usage error."""
     dtype = next((s.dtype for s in entry.inputs if s.dtype.startswith(("float", "bfloat"))), "float32")
     if req.precision in ("fp8", "int8"):
-        if not _has_qdq(path):
+        if not has_qdq(path):
             raise LanceUsageError(f"--precision {req.precision}: graph {entry.name} has no Q/DQ nodes; "
                                   "export a quantized model (TensorRT calibration is not supported)")
         return True, []

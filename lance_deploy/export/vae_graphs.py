@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lance_deploy.model.vae import WanVAE, patchify, unpatchify
-from lance_deploy.model.vae_blocks import StreamCache
+from lance_deploy.model.vae import WanVAE
+from lance_deploy.model.vae_blocks import StreamCache, patchify, unpatchify
 
 
 class SlotCache(StreamCache):

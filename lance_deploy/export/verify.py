@@ -18,7 +18,7 @@ import torch
 from lance_deploy.artifact.graph_manifest import GraphEntry, Manifest, load_manifest, safe_relative, write_manifest
 from lance_deploy.core.errors import LanceError, LanceUsageError
 from lance_deploy.core.fsutil import sha256_file
-from lance_deploy.export.onnx_export import onnx_modules
+from lance_deploy.export.graph_file import onnx_modules
 from lance_deploy.export.reference import CHECKS, Comparison
 from lance_deploy.export.sources import Source, open_source
 from lance_deploy.runtime.graphs import providers, session_options

@@ -1,27 +1,38 @@
 """`QLinear`: a Linear whose weight is a `PackedTensor`, held as plain buffers.
 
-The forward pass dispatches on the spec recorded in the manifest and the device of the input:
+The forward pass dispatches on the spec, the device and the row count of the input (decode:
+1-16 rows; denoise: thousands). Kernels come from torch itself or bitsandbytes:
 
-| spec                 | CUDA                                          | elsewhere (reference path)          |
-|----------------------|-----------------------------------------------|-------------------------------------|
-| bf16                 | F.linear                                      | F.linear                            |
-| fp8_e4m3 weight-only | dequantize -> matmul                          | dequantize -> matmul                |
-| fp8_e4m3 W8A8        | `torch._scaled_mm`, row-wise scales (SM>=8.9) | fp8 activations, fp32 matmul        |
-| int8 weight-only     | dequantize -> matmul                          | dequantize -> matmul                |
-| int8 W8A8            | `torch._int_mm` (int32 accumulate)            | `torch._int_mm` on CPU (same math)  |
-| int4                 | dequantize -> matmul                          | dequantize -> matmul                |
-| nf4                  | bitsandbytes `matmul_4bit` if installed       | bitsandbytes if installed, else ref |
+| spec              | CUDA, decode (<= 16 rows)                | CUDA, denoise (> 16 rows)      | CPU                             |
+|-------------------|------------------------------------------|--------------------------------|---------------------------------|
+| bf16              | F.linear                                 | F.linear                       | F.linear                        |
+| fp8 weight-only   | dequantize (in bf16) -> cuBLAS           | same                           | same (reference)                |
+| fp8 W8A8          | `torch._scaled_mm`, row-wise (SM >= 8.9) | same                           | fp8 activations, fp32 matmul    |
+| int8 weight-only  | `torch._weight_int8pack_mm`              | dequantize (in bf16) -> cuBLAS | `torch._weight_int8pack_mm`     |
+| int8 W8A8         | `torch._int_mm` (int32 accumulate)       | same                           | `torch._int_mm`                 |
+| int4 (prepared)   | tinygemm `_weight_int4pack_mm` (sm80+)   | same                           | `_weight_int4pack_mm_for_cpu`   |
+| int4 (plain)      | dequantize -> cuBLAS                     | same                           | dequantize (reference)          |
+| nf4               | bitsandbytes `matmul_4bit` (its gemv)    | bnb (dequantize + matmul)      | bnb if installed, else ref      |
+
+Why these: they are maintained with torch (tinygemm, the int8 weight-only kernel, cuBLASLt fp8
+and int8 GEMMs) or are the format's own library (bitsandbytes), so no kernel code lives here.
+fp8 weight-only has no fused kernel for bf16 activations: `_scaled_mm` multiplies two fp8
+operands, so using it would quantize activations, i.e. the W8A8 spec, which a recipe chooses
+explicitly (fp8-ada-hopper). The weight-only decode kernels are GEMV-shaped, so with thousands of
+rows the dequantized weight through cuBLAS is the safe choice until benchmarks/kernels.py on a
+GPU says otherwise. `prepare(device)` repacks once where a kernel wants its own layout (int4
+tinygemm tiles and bf16 scale/zero pairs; int8 W8A8's contiguous [in, out] operand), replacing
+the plain fields, so it adds no bytes; the artifact keeps the plain packed tensors.
 
 The reference paths compute exactly the math the format defines, so W8A8 quality (quantized
-activations included) can be measured on CPU; the CUDA kernels are tested against them. When a
-`smooth` vector is present the input is first divided by it, in the input's dtype.
-
-No fused int4 GEMM is wired in yet: torch's tinygemm (`_weight_int4pack_mm`) wants bf16
-scales and its own zero convention and tile layout, i.e. a second weight copy built at load.
+activations included) can be measured on CPU; the fused paths are tested against them within
+each format's SQNR floor (tests/formats/test_kernels.py). When a `smooth` vector is present the
+input is first divided by it, in the input's dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from types import ModuleType
 
@@ -29,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lance_deploy.formats import TENSOR_FIELDS, FormatError, FormatSpec, PackedTensor, dequantize, fp8, int8, validate
+from lance_deploy.formats import TENSOR_FIELDS, FormatError, FormatSpec, PackedTensor, dequantize, fp8, int4, int8, validate
 
 
 @functools.cache
@@ -42,8 +53,34 @@ def _bnb() -> ModuleType | None:
     return bitsandbytes
 
 
+_assumed_capability: tuple[int, int] | None = None  # set by a fake-CUDA rehearsal
+
+
+@contextlib.contextmanager
+def assume_capability(cap: tuple[int, int]):
+    """Tell the CUDA paths the GPU is `cap` (e.g. (9, 0), an H100/H200) while the block runs."""
+    global _assumed_capability
+    prev, _assumed_capability = _assumed_capability, tuple(cap)
+    try:
+        yield
+    finally:
+        _assumed_capability = prev
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """SM version of a CUDA device (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    return _assumed_capability or torch.cuda.get_device_capability(device)
+
+
+DECODE_ROWS = 16  # at or below: the weight-only GEMV-style kernels; above: dequantize + cuBLAS
+HALF = (torch.bfloat16, torch.float16)
+INNER_K_TILES = 8  # tinygemm's k tiling: in_features a multiple of 8 x 16 = 128 (every Lance Linear)
+
+
 def _has_fp8_mma(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and device_capability(device) >= (8, 9)
 
 
 class QLinear(nn.Module):
@@ -76,16 +113,70 @@ class QLinear(nn.Module):
     @property
     def packed(self) -> PackedTensor:
         """The buffers as a PackedTensor (sharing storage)."""
-        fields = {f: getattr(self, f) for f in TENSOR_FIELDS}
-        return PackedTensor(spec=self.spec, shape=(self.out_features, self.in_features), **fields)
+        if self.prepared == "int4_tinygemm" or self.prepared == "int4_cpu":
+            raise FormatError(f"{self.spec.label}: repacked for {self.prepared}; the plain fields are in the artifact")
+        fields = {f: getattr(self, f) for f in TENSOR_FIELDS if f != "qdata"}
+        qdata = self.qdata if self.prepared != "int8_t" else self.qdata_t.t()
+        return PackedTensor(spec=self.spec, shape=(self.out_features, self.in_features), qdata=qdata, **fields)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.spec.label}"
 
+    # -- kernels ------------------------------------------------------------------------------
+    prepared: str | None = None  # the kernel layout `prepare` repacked into (class default: none)
+
+    def prepare(self, device=None) -> int:
+        """Repack, once, into the layout the fused kernel of `device` wants, in place; returns the
+        bytes this adds (<= 0: each layout replaces the plain fields it is made from).
+
+        int4 -> tinygemm (`_weight_int4pack_mm`, sm80+; or its CPU twin): int32 tiles + bf16
+        [groups, out, (scale, zero)] replace qdata / scale / zero_point (1 B per group smaller).
+        int8 W8A8 on CUDA -> the weight transposed once into the contiguous [in, out] operand
+        cuBLAS's int8 GEMM wants, instead of a transposed copy per forward. Other formats need
+        nothing. The tensors stay where they are (host copies of a paged layer included); the
+        conversion runs on `device`, whose kernel defines the layout."""
+        device = torch.device(device or self.qdata.device)
+        if self.prefer_reference or self.prepared:
+            return 0
+        before = self._field_bytes()
+        tiles = self.in_features % (INNER_K_TILES * 16) == 0 and self.out_features % 8 == 0
+        if self.spec.name == "int4" and tiles and (device.type == "cpu" or _sm80(device)):
+            self._prepare_int4(device)
+        elif self.spec.name == "int8" and self.spec.activations and device.type == "cuda":
+            self.register_buffer("qdata_t", self.qdata.t().contiguous())
+            self.qdata, self.prepared = None, "int8_t"
+        return self._field_bytes() - before
+
+    def _prepare_int4(self, device: torch.device) -> None:
+        home = self.qdata.device
+        codes = int4.unpack_nibbles(self.qdata.to(device))  # [out, in], 0..15
+        scale = self.scale.to(device).float()
+        zero = (int4.SYM_ZERO if self.zero_point is None else self.zero_point.to(device).float())
+        # ours: (q - zp) * s; tinygemm: (q - 8) * s + z, so z = (8 - zp) * s
+        sz = torch.stack([scale, (int4.SYM_ZERO - zero) * scale], dim=-1).transpose(0, 1).contiguous()
+        if device.type == "cuda":
+            w = torch.ops.aten._convert_weight_to_int4pack((codes[:, 0::2] << 4 | codes[:, 1::2]), INNER_K_TILES)
+            self.prepared = "int4_tinygemm"
+        else:
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), INNER_K_TILES)
+            self.prepared = "int4_cpu"
+        self.register_buffer("i4_weight", w.to(home))
+        self.register_buffer("i4_scale_zeros", sz.to(torch.bfloat16).to(home))
+        self.qdata = self.scale = self.zero_point = None
+
+    def _field_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for n, t in self._buffers.items() if t is not None and n != "bias")
+
     def kernel(self, x: torch.Tensor) -> str:
-        """Name of the path `forward(x)` takes on x's device."""
+        """Name of the path `forward(x)` takes on x's device (and its row count)."""
         name, w8a8 = self.spec.name, self.spec.activations is not None
-        cuda = x.is_cuda and not self.prefer_reference
+        cuda = x.is_cuda
+        if self.prepared in ("int4_tinygemm", "int4_cpu"):
+            return self.prepared
+        if self.prefer_reference and name != "bf16":
+            return "fp8_w8a8_reference" if name == "fp8_e4m3" and w8a8 else (
+                "int8_int_mm" if name == "int8" and w8a8 else "dequant_matmul")
+        rows = x.numel() // self.in_features
         if name == "bf16":
             return "linear"
         if name == "fp8_e4m3" and w8a8:
@@ -93,7 +184,9 @@ class QLinear(nn.Module):
             return "fp8_scaled_mm" if cuda and aligned and _has_fp8_mma(x.device) else "fp8_w8a8_reference"
         if name == "int8" and w8a8:
             return "int8_int_mm"
-        if name == "nf4" and not self.prefer_reference and _bnb() is not None:
+        if name == "int8" and (not cuda or (rows <= DECODE_ROWS and x.dtype in HALF)):
+            return "int8_weight_mm"  # x [n, in] . int8 [out, in] * scale: torch's fused weight-only kernel
+        if name == "nf4" and _bnb() is not None:
             return "nf4_bnb"
         return "dequant_matmul"
 
@@ -104,22 +197,50 @@ class QLinear(nn.Module):
         if kernel == "linear":
             return F.linear(x, self.qdata.to(x.dtype), self._bias(x.dtype))
         if kernel == "dequant_matmul":
-            return F.linear(x, dequantize(self.packed).to(x.dtype), self._bias(x.dtype))
+            return F.linear(x, self._dequantized(x.dtype), self._bias(x.dtype))
         if kernel == "nf4_bnb":
             return _nf4_bnb(x, self.packed, self._bias(x.dtype))
         lead, x2 = x.shape[:-1], x.reshape(-1, self.in_features)
+        if kernel == "int8_weight_mm":
+            y = torch._weight_int8pack_mm(x2, self.qdata, self.scale.reshape(-1).to(x.dtype))
+            return self._finish(y, lead, x.dtype)
+        if kernel in ("int4_tinygemm", "int4_cpu"):
+            mm = torch.ops.aten._weight_int4pack_mm if kernel == "int4_tinygemm" else \
+                torch.ops.aten._weight_int4pack_mm_for_cpu
+            sz = self.i4_scale_zeros if x.dtype == torch.bfloat16 or kernel == "int4_tinygemm" else \
+                self.i4_scale_zeros.to(x.dtype)
+            y = mm(x2.to(torch.bfloat16) if kernel == "int4_tinygemm" else x2, self.i4_weight,
+                   self.spec.group_size, sz)
+            return self._finish(y, lead, x.dtype)
         if kernel == "fp8_scaled_mm":
-            y = _fp8_scaled_mm(x2, self.qdata, self.scale)
+            y = _fp8_scaled_mm(x2, self.qdata.t(), self.scale)
         elif kernel == "fp8_w8a8_reference":
             y = _fp8_w8a8_reference(x2, self.qdata, self.scale)
         else:
-            y = _int8_w8a8(x2, self.qdata, self.scale)
+            wt = self.qdata_t if self.prepared == "int8_t" else self.qdata.t()
+            y = _int8_w8a8(x2, wt, self.scale)
+        return self._finish(y, lead, x.dtype)
+
+    def _finish(self, y: torch.Tensor, lead, dtype) -> torch.Tensor:
         if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+            y = y + self.bias.to(y.dtype)
+        return y.to(dtype).reshape(*lead, self.out_features)
+
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight at the compute dtype, built in it: one [out, in] scratch, not an fp32 one
+        and its cast (the planner counts one compute-dtype copy per Linear call). The reference
+        path keeps the format's exact fp32 dequantization."""
+        p = self.packed
+        if p.spec.name in ("fp8_e4m3", "int8") and not self.prefer_reference:
+            return p.qdata.to(dtype).mul_(p.scale.to(dtype))
+        return dequantize(p).to(dtype)
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
+
+
+def _sm80(device: torch.device) -> bool:
+    return device_capability(device) >= (8, 0)
 
 
 def _fp8_w8a8_reference(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -128,33 +249,35 @@ def _fp8_w8a8_reference(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tenso
     return (xq.float() @ qdata.float().t()) * xs * scale.float().t()
 
 
-def _fp8_scaled_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp8 tensor-core GEMM with row-wise scales: x [n, in] -> fp32 [n, out] (bf16 accumulate-out)."""
+def _fp8_scaled_mm(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp8 tensor-core GEMM with row-wise scales: x [n, in] . w_t [in, out] -> fp32 [n, out].
+
+    `w_t` must be column-major (qdata [out, in] row-major, transposed as a view): cuBLASLt's
+    fp8 GEMM takes no other layout, and `_scaled_mm` refuses one (the rehearsal test shows it)."""
     xq, xs = fp8.quantize_activations(x.contiguous())
-    # qdata is [out, in] row-major, so .t() is the column-major [in, out] operand cuBLASLt wants.
-    y = torch._scaled_mm(xq, qdata.t(), scale_a=xs, scale_b=scale.float().t(), out_dtype=torch.bfloat16)
+    y = torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=scale.float().t(), out_dtype=torch.bfloat16)
     return y.float()
 
 
-def _int8_w8a8(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _int8_w8a8(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [n, in] -> fp32 [n, out]: per-token int8 activations, int32-exact GEMM, fp32 epilogue."""
     xq, xs = int8.quantize_activations(x)
-    return _int_mm(xq, qdata).float() * xs * scale.float().t()
+    return _int_mm(xq, w_t).float() * xs * scale.float().t()
 
 
-def _int_mm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """int8 [n, k] x int8 [out, k]ᵀ -> int32 [n, out], exact on every device."""
+def _int_mm(xq: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """int8 [n, k] x int8 [k, out] -> int32 [n, out], exact on every device."""
     if xq.device.type == "cpu":
-        return torch._int_mm(xq, wq.t())
+        return torch._int_mm(xq, w_t)
     n, k = xq.shape
-    if k % 8 or wq.shape[0] % 8:
+    if k % 8 or w_t.shape[1] % 8:
         # cuBLAS needs k and out multiples of 8; products of int8 sum exactly in fp64 (< 2^53).
-        return (xq.double() @ wq.double().t()).to(torch.int32)
-    # cuBLAS needs more than 16 rows, and a contiguous second operand (torchao's safe_int_mm
-    # notes wrong results otherwise), hence the pad and the transposed copy.
+        return (xq.double() @ w_t.double()).to(torch.int32)
+    # cuBLAS needs more than 16 rows and a contiguous second operand (torchao's safe_int_mm notes
+    # wrong results otherwise): `prepare` made it once; an unprepared module copies per call.
     rows = max(n, 17)
     xp = xq if rows == n else F.pad(xq, (0, 0, 0, rows - n))
-    return torch._int_mm(xp, wq.t().contiguous())[:n]
+    return torch._int_mm(xp, w_t.contiguous())[:n]
 
 
 def _nf4_bnb(x: torch.Tensor, p: PackedTensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,17 +3,20 @@
 Images go through Pillow, videos through the ffmpeg that imageio-ffmpeg bundles.
 Every failure a user can cause (a missing, unreadable or corrupt file, a frame
 folder without --fps) becomes a one-line `MediaError` / `LanceUsageError` that
-names the file. Writes are atomic: a temporary file in the destination folder,
-then `os.replace`, so a crash never leaves a half-written output behind.
+names the file; so does an input too large to decode (`MAX_MEDIA_PIXELS`,
+Pillow's own `Image.MAX_IMAGE_PIXELS`, `MAX_VIDEO_BYTES`), before it is decoded.
+Writes go through `core.fsutil.publish`: a temporary file in the destination
+folder, read back (PNG decoded, MP4 one frame), fsynced, then renamed; a
+failure leaves the earlier file as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
+import errno
+import io
+import math
 import re
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,20 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lance_deploy.core.errors import LanceError, LanceUsageError, MediaError
+from lance_deploy.core.fsutil import publish, publish_bytes
+from lance_deploy.core.units import GiB, format_bytes
 
 # Frame-folder members we read; anything else (a .txt, a hidden file) is ignored.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
 # H.264 quality of written videos (lower is better; 18 is visually lossless).
 VIDEO_CRF = 18
+
+# Input caps, checked from headers before decoding: pixels per image or frame (Pillow's own
+# MAX_IMAGE_PIXELS applies too, when it is lower), and the decoded bytes of a whole video
+# (every frame is held in memory before 12 fps sampling).
+MAX_MEDIA_PIXELS = 8192 * 8192
+MAX_VIDEO_BYTES = 4 * GiB
 
 
 # --------------------------------------------------------------------------- images
@@ -49,12 +60,32 @@ def read_image(path) -> np.ndarray:
     if not path.is_file():
         raise MediaError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not later
-            rgb = _to_rgb(image)
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both are refusals here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                check_pixels(image.width, image.height, path)  # from the header, before decoding
+                image.load()  # decode now, so a truncated file fails here and not later
+                rgb = _to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise MediaError(f"image {path} is too large to decode safely: {_one_line(exc)}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise MediaError(f"cannot decode image {path}: {_one_line(exc)}") from exc
     return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def pixel_cap() -> int:
+    """Pixels allowed per image or frame: ours, or Pillow's MAX_IMAGE_PIXELS when that is lower."""
+    pil = Image.MAX_IMAGE_PIXELS
+    return min(MAX_MEDIA_PIXELS, int(pil)) if pil else MAX_MEDIA_PIXELS
+
+
+def check_pixels(width: int, height: int, path) -> None:
+    """Refuse a frame over `pixel_cap()`, naming the file."""
+    cap = pixel_cap()
+    if width * height > cap:
+        raise MediaError(f"{path} is {width}x{height} = {width * height:,} pixels, over the {cap:,}-pixel "
+                         "input limit; downscale it first")
 
 
 def write_image(frame: np.ndarray, path) -> None:
@@ -64,11 +95,22 @@ def write_image(frame: np.ndarray, path) -> None:
         frame = frame[0]
     _check_uint8_rgb(frame, ndim=3, what="an image")
     path = Path(path)
+    frame = np.ascontiguousarray(frame)
+    buf = io.BytesIO()
     try:
-        with _atomic_target(path, ".png") as tmp:
-            Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
+        Image.fromarray(frame).save(buf, format="PNG")  # in memory: the exact size is known up front
     except OSError as exc:
         raise LanceError(f"cannot write image {path}: {_one_line(exc)}") from exc
+    publish_bytes(path, buf.getvalue(), what="image", verify=lambda tmp: _check_png(tmp, frame))
+
+
+def _check_png(tmp: Path, frame: np.ndarray) -> None:
+    """The file decodes to exactly `frame`."""
+    with Image.open(tmp) as image:
+        image.load()
+        back = np.asarray(image.convert("RGB"))
+    if not np.array_equal(back, frame):
+        raise ValueError(f"decodes to {back.shape[1]}x{back.shape[0]} pixels that differ from the image written")
 
 
 # --------------------------------------------------------------------------- videos
@@ -82,14 +124,27 @@ def read_video(path, fps: float | None = None) -> tuple[np.ndarray, float]:
     files sorted by the number in their names (frame_2 before frame_10).
     """
     path = Path(path)
-    if fps is not None and not fps > 0:
-        raise LanceUsageError(f"--fps must be positive, got {fps} (for {path})")
+    if fps is not None and not (math.isfinite(fps) and 0 < fps <= 1000):
+        raise LanceUsageError(f"--fps {fps}: expected a frame rate in (0, 1000] (for {path})")
     if path.is_dir():
         return _read_frame_folder(path, fps)
     if not path.is_file():
         raise MediaError(f"video not found: {path}")
+    still = _still_image_format(path)
+    if still:
+        raise MediaError(f"cannot decode video {path}: it is a still {still} image; give a video file "
+                         "(or a folder of frames with --fps), or use the image task for a picture")
     frames, container_fps = _read_video_file(path)
     return frames, float(fps) if fps is not None else container_fps
+
+
+def _still_image_format(path: Path) -> str | None:
+    """The format of a file that is a single still picture (PNG, JPEG, ...), else None."""
+    try:
+        with Image.open(path) as img:
+            return None if getattr(img, "is_animated", False) else img.format
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return None
 
 
 def _frame_number(name: str) -> int | None:
@@ -111,7 +166,11 @@ def _read_frame_folder(folder: Path, fps: float | None) -> tuple[np.ndarray, flo
         raise MediaError(f"frame {folder / unnumbered[0]} has no frame number in its name")
     # Numeric order, the name breaking ties (e.g. "1.png" vs "01.png").
     files.sort(key=lambda p: (_frame_number(p.name), p.name))
-    frames = [read_image(p) for p in files]
+    frames, total = [], 0
+    for p in files:
+        frames.append(read_image(p))
+        total += frames[-1].nbytes
+        _check_video_bytes(total, len(frames), frames[-1].shape, folder)
     first = frames[0].shape
     for p, frame in zip(files, frames):
         if frame.shape != first:
@@ -128,7 +187,11 @@ def _read_video_file(path: Path) -> tuple[np.ndarray, float]:
     try:
         meta = next(reader)
         width, height = meta["size"]
-        frames = [np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3) for buf in reader]
+        check_pixels(width, height, path)
+        frames = []
+        for buf in reader:  # stops at the cap, long before memory runs out
+            frames.append(np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3))
+            _check_video_bytes(len(frames) * frames[0].nbytes, len(frames), frames[0].shape, path)
     except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as exc:
         raise MediaError(f"cannot decode video {path}: {_one_line(exc)}") from exc
     finally:
@@ -139,6 +202,13 @@ def _read_video_file(path: Path) -> tuple[np.ndarray, float]:
     if not container_fps > 0:
         raise MediaError(f"video {path} has no frame rate: pass one with --fps")
     return np.stack(frames), container_fps
+
+
+def _check_video_bytes(total: int, count: int, shape, path) -> None:
+    if total > MAX_VIDEO_BYTES:
+        h, w = shape[:2]
+        raise MediaError(f"video {path} decodes to more than {format_bytes(MAX_VIDEO_BYTES)} ({count}+ frames of "
+                         f"{w}x{h}); trim or downscale it first, e.g. ffmpeg -i IN -t 6 -vf scale=-2:480 OUT.mp4")
 
 
 def write_video(frames: np.ndarray, path, fps: int = 12) -> None:
@@ -158,21 +228,44 @@ def write_video(frames: np.ndarray, path, fps: int = 12) -> None:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     height, width = frames.shape[1:3]
     path = Path(path)
+
+    def encode(tmp: Path) -> None:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+            quality=None, macro_block_size=1, ffmpeg_log_level="error",
+            output_params=["-crf", str(VIDEO_CRF), "-movflags", "+faststart"],
+        )
+        writer.send(None)  # start ffmpeg
+        try:
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+        except OSError as exc:
+            if exc.errno is None:  # imageio-ffmpeg's wrapper of a broken pipe: ffmpeg died (disk full, ...)
+                raise OSError(errno.EPIPE, f"ffmpeg stopped ({_one_line(exc).split(' FFMPEG')[0]})") from exc
+            raise
+        finally:
+            writer.close()  # flushes and waits for ffmpeg (it does not report a failed flush: hence the read-back)
+
     try:
-        with _atomic_target(path, ".mp4") as tmp:
-            writer = imageio_ffmpeg.write_frames(
-                str(tmp), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                quality=None, macro_block_size=1, ffmpeg_log_level="error",
-                output_params=["-crf", str(VIDEO_CRF), "-movflags", "+faststart"],
-            )
-            writer.send(None)  # start ffmpeg
-            try:
-                for frame in frames:
-                    writer.send(np.ascontiguousarray(frame))
-            finally:
-                writer.close()  # flushes and waits for ffmpeg; raises if it failed
-    except (OSError, RuntimeError) as exc:
+        publish(path, encode, verify=lambda tmp: _check_mp4(tmp, width, height), what="video")
+    except RuntimeError as exc:
         raise LanceError(f"cannot write video {path}: {_one_line(exc)}") from exc
+
+
+def _check_mp4(tmp: Path, width: int, height: int) -> None:
+    """The file opens with the written size and its first frame decodes."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(tmp), pix_fmt="rgb24")
+    try:
+        meta = next(reader)
+        if tuple(meta["size"]) != (width, height):
+            raise ValueError(f"reads back as {meta['size'][0]}x{meta['size'][1]}, not {width}x{height}")
+        first = next(reader, None)
+        if first is None or len(first) != width * height * 3:
+            raise ValueError("its first frame does not decode")
+    finally:
+        reader.close()
 
 
 # --------------------------------------------------------------------------- decoded tensors
@@ -199,38 +292,6 @@ def _check_uint8_rgb(array: np.ndarray, ndim: int, what: str) -> None:
     if array.dtype != np.uint8 or array.ndim != ndim or array.shape[-1] != 3 or 0 in array.shape:
         shape = "[H, W, 3]" if ndim == 3 else "[T, H, W, 3]"
         raise ValueError(f"{what} must be uint8 {shape}, got {array.dtype} {list(array.shape)}")
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Path, suffix: str):
-    """Yield a temporary path next to `path`; move it onto `path` only if the body succeeds.
-
-    The temporary file keeps the real suffix because ffmpeg picks the container
-    from it, and it lives in the same folder so `os.replace` is an atomic rename.
-    """
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise LanceUsageError(f"output folder does not exist: {folder} (for {path})")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp creates the file 0600; give the output the usual umask-based mode.
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    """The process umask (read once; os.umask can only be read by setting it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _one_line(exc: BaseException) -> str:

@@ -155,6 +155,11 @@ def _nearest_bucket(h: int, w: int, area_side: int, stride: int) -> tuple[tuple[
     return buckets[index], float(ratios[index])
 
 
+def bucket_sizes(area_side: int, stride: int = BUCKET_STRIDE) -> tuple[tuple[int, int], ...]:
+    """Every (H, W) bucket of an area side, one per aspect ratio (before the /16 or /28 crop)."""
+    return _buckets(area_side, stride)[0]
+
+
 def bucket_size(h: int, w: int, area_side: int, stride: int = BUCKET_STRIDE) -> tuple[int, int]:
     """The (H, W) bucket an h x w frame is resized to (before the /16 or /28 crop)."""
     return _nearest_bucket(h, w, area_side, stride)[0]

@@ -2,7 +2,8 @@
 
 Both experts share one attention over the joint sequence; each token is projected
 and normed by the weights of its own expert. Parameter names equal the release
-checkpoint keys (`language_model.model.layers.L.self_attn.q_proj_moe_gen.weight`, ...).
+checkpoint keys (`language_model.model.layers.L.self_attn.q_proj_moe_gen.weight`, ...);
+`model/tree.py` states the naming rule and maps the canonical leaves to these modules.
 With `with_gen=False` the generation expert is not built at all (understanding tasks).
 """
 
@@ -17,8 +18,7 @@ from lance_deploy.config import LLMConfig
 from lance_deploy.model.attention import KVCache, attend
 from lance_deploy.model.layers import RMSNorm, SwiGLU
 from lance_deploy.model.rope import apply_rope
-
-GEN = "_moe_gen"
+from lance_deploy.model.tree import GEN
 
 
 @dataclass
@@ -69,7 +69,8 @@ class MoTAttention(nn.Module):
             setattr(self, f"q_norm{s}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
             setattr(self, f"k_norm{s}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
 
-    def _qkv(self, x: torch.Tensor, s: str) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, s: str) -> torch.Tensor:
+        """q/k/v of rows `x` through the projections and QK-norms with suffix `s` ('' or GEN), [n, q+k+v] fp32."""
         q = getattr(self, f"q_proj{s}")(x).view(-1, self.heads, self.head_dim)
         k = getattr(self, f"k_proj{s}")(x).view(-1, self.kv_heads, self.head_dim)
         v = getattr(self, f"v_proj{s}")(x).view(-1, self.kv_heads, self.head_dim)
@@ -80,7 +81,7 @@ class MoTAttention(nn.Module):
 
     def forward(self, x, cos_sin, routing: Routing, cache: KVCache | None, causal: bool, update_cache: bool):
         qd, kd = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv = route(x, routing, lambda r: self._qkv(r, ""), lambda r: self._qkv(r, GEN))
+        qkv = route(x, routing, lambda r: self.qkv(r, ""), lambda r: self.qkv(r, GEN))
         q = qkv[:, :qd].view(-1, self.heads, self.head_dim)
         k = qkv[:, qd : qd + kd].view(-1, self.kv_heads, self.head_dim)
         v = qkv[:, qd + kd :].view(-1, self.kv_heads, self.head_dim)

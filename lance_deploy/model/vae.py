@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lance_deploy.core.errors import CheckpointError, LanceError
+from lance_deploy.model.meta import build_on_meta
 from lance_deploy.model.vae_blocks import (
     AttentionBlock,
     CausalConv3d,
@@ -28,6 +29,8 @@ from lance_deploy.model.vae_blocks import (
     ResidualBlock,
     StreamCache,
     UpStage,
+    patchify,
+    unpatchify,
 )
 from lance_deploy.model.vae_tiling import TilingConfig, tiled_decode, tiled_encode
 
@@ -57,25 +60,33 @@ LATENT_STD = (
 )  # fmt: skip
 
 
-def patchify(x: Tensor) -> Tensor:
-    """[B, C, T, 2h, 2w] -> [B, 4C, T, h, w]; channel = c·4 + (w offset)·2 + (h offset)."""
-    b, c, t, hh, ww = x.shape
-    x = x.reshape(b, c, t, hh // 2, 2, ww // 2, 2)  # [B, C, T, h, q, w, r]
-    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * 4, t, hh // 2, ww // 2)
-
-
-def unpatchify(x: Tensor) -> Tensor:
-    """Inverse of `patchify`: [B, 4C, T, h, w] -> [B, C, T, 2h, 2w]."""
-    b, c4, t, h, w = x.shape
-    x = x.reshape(b, c4 // 4, 2, 2, t, h, w)  # [B, C, r, q, T, h, w]
-    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c4 // 4, t, h * 2, w * 2)
-
-
 def _stats(device: torch.device) -> tuple[Tensor, Tensor]:
     """(mean, 1/std) as [1, 48, 1, 1, 1] fp32; upstream stores the reciprocal and multiplies."""
     mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=device).view(1, Z_DIM, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=torch.float32, device=device)
     return mean, inv_std.view(1, Z_DIM, 1, 1, 1)
+
+
+def _stages(stage: type[DownStage] | type[UpStage], dims: list[int], blocks: int, temporal: tuple[bool, ...]):
+    """One resampling stage per DIM_MULT step, from dims[i] to dims[i+1]; the last keeps its size in space."""
+    last = len(DIM_MULT) - 1
+    return nn.Sequential(*(
+        stage(dims[i], dims[i + 1], blocks, temporal=i < len(temporal) and temporal[i], spatial=i != last)
+        for i in range(len(DIM_MULT))
+    ))  # fmt: skip
+
+
+def _middle(dim: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+
+def _head(dim: int, out: int) -> nn.Sequential:
+    return nn.Sequential(ChannelRMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
+
+
+def _run_head(head: nn.Sequential, x: Tensor, cache: StreamCache) -> Tensor:
+    norm, _, conv = head  # the conv needs the cache, which nn.Sequential cannot pass
+    return conv(F.silu(norm(x)), cache)
 
 
 class Encoder3d(nn.Module):
@@ -85,25 +96,26 @@ class Encoder3d(nn.Module):
         super().__init__()
         dims = [dim * m for m in (1, *DIM_MULT)]
         self.conv1 = CausalConv3d(12, dims[0], 3, padding=1)
-        last = len(DIM_MULT) - 1
-        self.downsamples = nn.Sequential(*(
-            DownStage(dims[i], dims[i + 1], ENC_BLOCKS,
-                      temporal=i < len(TEMPORAL_DOWN) and TEMPORAL_DOWN[i], spatial=i != last)
-            for i in range(len(DIM_MULT))
-        ))  # fmt: skip
-        top = dims[-1]
-        self.middle = nn.Sequential(ResidualBlock(top, top), AttentionBlock(top), ResidualBlock(top, top))
-        self.head = nn.Sequential(ChannelRMSNorm(top), nn.SiLU(), CausalConv3d(top, z2, 3, padding=1))
+        self.downsamples = _stages(DownStage, dims, ENC_BLOCKS, TEMPORAL_DOWN)
+        self.middle = _middle(dims[-1])
+        self.head = _head(dims[-1], z2)
 
     def forward(self, x: Tensor, cache: StreamCache) -> Tensor:
         """One chunk [B, 12, T, H/2, W/2] (T = 1 first, then 4) -> [B, 2z, T', H/16, W/16]."""
+        return self.low_res(self.high_res(x, cache), cache)
+
+    def high_res(self, x: Tensor, cache: StreamCache) -> Tensor:
+        """conv1 + the down-sampling stages: patchified pixels -> latent-resolution features."""
         x = self.conv1(x, cache)
         for stage in self.downsamples:
             x = stage(x, cache)
+        return x
+
+    def low_res(self, x: Tensor, cache: StreamCache) -> Tensor:
+        """The middle block (with the frame-wide attention) + head, at latent resolution."""
         for block in self.middle:
             x = block(x, cache)
-        norm, _, conv = self.head
-        return conv(F.silu(norm(x)), cache)
+        return _run_head(self.head, x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -112,28 +124,27 @@ class Decoder3d(nn.Module):
     def __init__(self, dim: int, z_dim: int):
         super().__init__()
         dims = [dim * m for m in (DIM_MULT[-1], *DIM_MULT[::-1])]
-        temporal_up = TEMPORAL_DOWN[::-1]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(
-            ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])
-        )
-        last = len(DIM_MULT) - 1
-        self.upsamples = nn.Sequential(*(
-            UpStage(dims[i], dims[i + 1], DEC_BLOCKS,
-                    temporal=i < len(temporal_up) and temporal_up[i], spatial=i != last)
-            for i in range(len(DIM_MULT))
-        ))  # fmt: skip
-        self.head = nn.Sequential(ChannelRMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 12, 3, padding=1))
+        self.middle = _middle(dims[0])
+        self.upsamples = _stages(UpStage, dims, DEC_BLOCKS, TEMPORAL_DOWN[::-1])
+        self.head = _head(dims[-1], 12)
 
     def forward(self, x: Tensor, cache: StreamCache, first_chunk: bool) -> Tensor:
         """One latent frame [B, z, 1, h, w] -> [B, 12, 1 or 4, 8h, 8w]."""
+        return self.high_res(self.low_res(x, cache), cache, first_chunk)
+
+    def low_res(self, x: Tensor, cache: StreamCache) -> Tensor:
+        """conv1 + the middle block (with the frame-wide attention), at latent resolution."""
         x = self.conv1(x, cache)
         for block in self.middle:
             x = block(x, cache)
+        return x
+
+    def high_res(self, x: Tensor, cache: StreamCache, first_chunk: bool) -> Tensor:
+        """The up-sampling stages + head: middle features -> 12 patchified channels."""
         for stage in self.upsamples:
             x = stage(x, cache, first_chunk)
-        norm, _, conv = self.head
-        return conv(F.silu(norm(x)), cache)
+        return _run_head(self.head, x, cache)
 
 
 class WanVAE(nn.Module):
@@ -161,11 +172,12 @@ class WanVAE(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
-    def _check_loaded(self, part: str, module: nn.Module) -> None:
+    def part_weight(self, part: str) -> Tensor:
+        """A weight of `part` ('encoder' | 'decoder'), whose dtype and device that part computes in;
+        a LanceError when `load_vae` left the part unloaded."""
+        module = getattr(self, part)
         if any(p.is_meta for p in module.parameters()):
             raise LanceError(f"the VAE {part} weights are not loaded (load_vae was called without {part!r} in parts)")
-
-    def _weights(self, module: nn.Module) -> Tensor:
         return next(module.parameters())
 
     def normalize(self, mu: Tensor) -> Tensor:
@@ -180,7 +192,7 @@ class WanVAE(nn.Module):
 
     # ------------------------------------------------------------------ streams
 
-    def _encode_frames(self, x: Tensor, cache: StreamCache) -> tuple[Tensor, Tensor]:
+    def encode_frames(self, x: Tensor, cache: StreamCache) -> tuple[Tensor, Tensor]:
         """Pixels [B, 3, T, H, W] (weights' dtype/device) -> raw (mu, log_var), each [B, 48, t, h, w].
 
         A fresh cache takes the first frame alone and then chunks of 4; a cache that has already
@@ -200,7 +212,7 @@ class WanVAE(nn.Module):
         mu, log_var = self.conv1(torch.cat(outs, dim=2)).chunk(2, dim=1)
         return mu, log_var
 
-    def _decode_frames(self, z: Tensor, cache: StreamCache) -> Tensor:
+    def decode_frames(self, z: Tensor, cache: StreamCache) -> Tensor:
         """Raw (denormalised) latent [B, 48, t, h, w] -> pixels [B, 3, T, 16h, 16w], unclamped.
 
         One latent frame per chunk; the first chunk of a fresh cache yields 1 pixel frame, every
@@ -222,7 +234,7 @@ class WanVAE(nn.Module):
         (latent [t, h, w, 48] normalised, log_var [48, t, h, w] raw), both fp32.
 
         `tiling` (default: auto, see `TilingConfig`) encodes in spatial tiles above a size threshold."""
-        self._check_loaded("encoder", self.encoder)
+        ref = self.part_weight("encoder")
         if video.dim() != 4 or video.shape[0] != 3:
             raise ValueError(f"VAE encode expects [3, T, H, W], got {list(video.shape)}")
         _, t, h, w = video.shape
@@ -231,9 +243,8 @@ class WanVAE(nn.Module):
         tiling = TilingConfig() if tiling is None else tiling
         if tiling.active(h // 16, w // 16):
             return tiled_encode(self, video, tiling)
-        ref = self._weights(self.encoder)
         x = video.to(device=ref.device, dtype=ref.dtype).unsqueeze(0)  # [1, 3, T, H, W]
-        mu, log_var = self._encode_frames(x, StreamCache())
+        mu, log_var = self.encode_frames(x, StreamCache())
         latent = self.normalize(mu)[0].permute(1, 2, 3, 0).contiguous()  # [t, h, w, 48]
         return latent, log_var[0].float()
 
@@ -242,16 +253,15 @@ class WanVAE(nn.Module):
         """Normalised latent [t, h, w, 48] -> video [3, 1+4(t-1), 16h, 16w] clamped to [-1, 1], fp32.
 
         `tiling` (default: auto, see `TilingConfig`) decodes in spatial tiles above a size threshold."""
-        self._check_loaded("decoder", self.decoder)
+        ref = self.part_weight("decoder")
         if latent.dim() != 4 or latent.shape[-1] != self.z_dim:
             raise ValueError(f"VAE decode expects [t, h, w, {self.z_dim}], got {list(latent.shape)}")
         tiling = TilingConfig() if tiling is None else tiling
         if tiling.active(latent.shape[1], latent.shape[2]):
             return tiled_decode(self, latent, tiling)
-        ref = self._weights(self.decoder)
         z = latent.to(ref.device).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 48, t, h, w]
         z = self.denormalize(z).to(ref.dtype)
-        return self._decode_frames(z, StreamCache())[0].float().clamp_(-1.0, 1.0)
+        return self.decode_frames(z, StreamCache())[0].float().clamp_(-1.0, 1.0)
 
 
 # ---------------------------------------------------------------------- loading
@@ -326,15 +336,15 @@ def load_vae(
     if not parts or any(p not in _PART_PREFIXES for p in parts):
         raise ValueError(f"parts must be a non-empty subset of {tuple(_PART_PREFIXES)}, got {parts}")
     sd = _read_state_dict(path)
-    enc_dim, dec_dim = _infer_dims(sd)
-    with torch.device("meta"):
-        model = WanVAE(enc_dim, dec_dim)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
     prefixes = tuple(p for part in parts for p in _PART_PREFIXES[part])
-    required = [k for k in expected if k.startswith(prefixes)]
-    _check_keys(path, sd, expected, required)
-    for key in required:
-        owner, _, name = key.rpartition(".")
-        tensor = sd[key].to(device=device, dtype=dtype)
-        setattr(model.get_submodule(owner), name, nn.Parameter(tensor, requires_grad=False))
-    return model.eval().requires_grad_(False)
+
+    def fill(model: WanVAE) -> None:
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        required = [k for k in expected if k.startswith(prefixes)]
+        _check_keys(path, sd, expected, required)
+        for key in required:
+            owner, _, name = key.rpartition(".")
+            tensor = sd[key].to(device=device, dtype=dtype)
+            setattr(model.get_submodule(owner), name, nn.Parameter(tensor, requires_grad=False))
+
+    return build_on_meta(lambda: WanVAE(*_infer_dims(sd)), fill).requires_grad_(False)

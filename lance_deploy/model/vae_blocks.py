@@ -52,6 +52,20 @@ class StreamCache:
         self._cursor += 1
 
 
+def patchify(x: Tensor) -> Tensor:
+    """[B, C, T, 2h, 2w] -> [B, 4C, T, h, w]; channel = c·4 + (w offset)·2 + (h offset)."""
+    b, c, t, hh, ww = x.shape
+    x = x.reshape(b, c, t, hh // 2, 2, ww // 2, 2)  # [B, C, T, h, q, w, r]
+    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * 4, t, hh // 2, ww // 2)
+
+
+def unpatchify(x: Tensor) -> Tensor:
+    """Inverse of `patchify`: [B, 4C, T, h, w] -> [B, C, T, 2h, 2w]."""
+    b, c4, t, h, w = x.shape
+    x = x.reshape(b, c4 // 4, 2, 2, t, h, w)  # [B, C, r, q, T, h, w]
+    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c4 // 4, t, h * 2, w * 2)
+
+
 def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)
 

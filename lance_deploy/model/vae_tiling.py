@@ -36,19 +36,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lance_deploy.core.errors import LanceUsageError
-from lance_deploy.model.vae_blocks import StreamCache
-
-if TYPE_CHECKING:  # vae.py imports this module; the reverse import is for type hints only
-    from lance_deploy.model.vae import WanVAE
+from lance_deploy.model.vae_blocks import StreamCache, patchify, unpatchify
 
 __all__ = [
     "SPATIAL_FACTOR",
@@ -64,6 +59,22 @@ __all__ = [
 SPATIAL_FACTOR = 16  # pixels per latent cell along each spatial axis
 
 Span = tuple[int, int]  # [start, stop) in latent cells
+
+
+class TiledVAE(Protocol):
+    """What the tiler uses of a `WanVAE` (stated here because vae.py imports this module)."""
+
+    z_dim: int
+    encoder: nn.Module  # Encoder3d: high_res / low_res
+    decoder: nn.Module  # Decoder3d: low_res / high_res
+    conv1: nn.Module
+    conv2: nn.Module
+
+    def part_weight(self, part: str) -> Tensor: ...
+    def normalize(self, mu: Tensor) -> Tensor: ...
+    def denormalize(self, z: Tensor) -> Tensor: ...
+    def encode_frames(self, x: Tensor, cache: StreamCache) -> tuple[Tensor, Tensor]: ...
+    def decode_frames(self, z: Tensor, cache: StreamCache) -> Tensor: ...
 
 
 class TilingError(LanceUsageError, ValueError):
@@ -206,9 +217,8 @@ def _crop(x: Tensor, ys: Span, xs: Span, scale: int) -> Tensor:
 
 # ---------------------------------------------------------------------- split VAE streams
 #
-# The functions below cut `Decoder3d.forward` / `Encoder3d.forward` at the middle block. They visit
-# the same sub-modules in the same order, so with one tile they equal the untiled VAE bit for bit;
-# `tests/model/test_vae_tiling.py` checks that, which also guards against the two drifting apart.
+# `Encoder3d` / `Decoder3d` are cut at the middle block by their `high_res` / `low_res` parts, which
+# their own forward composes, so with one tile the split streams equal the untiled VAE bit for bit.
 
 
 def _stream(x: Tensor, bounds: Sequence[int], cache: StreamCache, step) -> Tensor:
@@ -223,38 +233,6 @@ def _stream(x: Tensor, bounds: Sequence[int], cache: StreamCache, step) -> Tenso
     return torch.cat(outs, dim=2)
 
 
-def _decoder_low(vae: WanVAE, x: Tensor, cache: StreamCache, first: bool) -> Tensor:
-    """Decoder conv1 + middle (with the frame-wide attention), at latent resolution."""
-    x = vae.decoder.conv1(x, cache)
-    for block in vae.decoder.middle:
-        x = block(x, cache)
-    return x
-
-
-def _decoder_high(vae: WanVAE, x: Tensor, cache: StreamCache, first: bool) -> Tensor:
-    """Decoder up-sampling stages + head: middle features -> 12 patchified channels."""
-    for stage in vae.decoder.upsamples:
-        x = stage(x, cache, first)
-    norm, _, conv = vae.decoder.head
-    return conv(F.silu(norm(x)), cache)
-
-
-def _encoder_high(vae: WanVAE, x: Tensor, cache: StreamCache, first: bool) -> Tensor:
-    """Encoder conv1 + down-sampling stages: patchified pixels -> latent-resolution features."""
-    x = vae.encoder.conv1(x, cache)
-    for stage in vae.encoder.downsamples:
-        x = stage(x, cache)
-    return x
-
-
-def _encoder_low(vae: WanVAE, x: Tensor, cache: StreamCache, first: bool) -> Tensor:
-    """Encoder middle (with the frame-wide attention) + head, at latent resolution."""
-    for block in vae.encoder.middle:
-        x = block(x, cache)
-    norm, _, conv = vae.encoder.head
-    return conv(F.silu(norm(x)), cache)
-
-
 def _encoder_bounds(frames: int) -> list[int]:
     """Chunk bounds of a fresh encode stream: the first frame alone, then 4 at a time."""
     return [0, *range(1, frames + 1, 4)]
@@ -264,58 +242,50 @@ def _encoder_bounds(frames: int) -> list[int]:
 
 
 @torch.no_grad()
-def tiled_decode(vae: WanVAE, latent: Tensor, cfg: TilingConfig | None = None) -> Tensor:
+def tiled_decode(vae: TiledVAE, latent: Tensor, cfg: TilingConfig | None = None) -> Tensor:
     """Normalised latent [t, h, w, 48] -> video [3, 1+4(t-1), 16h, 16w] in [-1, 1], fp32, decoded in
     spatial tiles of `cfg.tile` cells (always tiled; `WanVAE.decode` makes the auto decision)."""
-    # Deferred: vae.py imports this module.
-    from lance_deploy.model.vae import unpatchify
-
     cfg = TilingConfig() if cfg is None else cfg
-    vae._check_loaded("decoder", vae.decoder)
+    ref = vae.part_weight("decoder")
     if latent.dim() != 4 or latent.shape[-1] != vae.z_dim:
         raise ValueError(f"VAE tiled decode expects [t, h, w, {vae.z_dim}], got {list(latent.shape)}")
-    ref = vae._weights(vae.decoder)
     t, h, w, _ = latent.shape
     # Denormalising is per channel, so doing it once up front equals doing it per tile.
     z = vae.denormalize(latent.to(ref.device).permute(3, 0, 1, 2).unsqueeze(0)).to(ref.dtype)  # [1, 48, t, h, w]
     frames = list(range(t + 1))  # one latent frame per chunk
     if cfg.global_attention:
         # conv2 is 1×1×1 and the low part runs on the whole frame with a cache of its own.
-        src = _stream(vae.conv2(z), frames, StreamCache(), partial(_decoder_low, vae))
+        src = _stream(vae.conv2(z), frames, StreamCache(), lambda chunk, c, first: vae.decoder.low_res(chunk, c))
 
         def run(ys: Span, xs: Span) -> tuple[Tensor]:
             # A fresh cache per tile: each tile is its own causal stream over all latent frames.
             tile = _crop(src, ys, xs, 1)
-            return (unpatchify(_stream(tile, frames, StreamCache(), partial(_decoder_high, vae))),)
+            return (unpatchify(_stream(tile, frames, StreamCache(), vae.decoder.high_res)),)
 
     else:
 
         def run(ys: Span, xs: Span) -> tuple[Tensor]:
-            return (vae._decode_frames(_crop(z, ys, xs, 1), StreamCache()),)
+            return (vae.decode_frames(_crop(z, ys, xs, 1), StreamCache()),)
 
     (canvas,) = _blend_tiles(h, w, cfg, SPATIAL_FACTOR, ref.device, run)
     return canvas[0].clamp_(-1.0, 1.0)
 
 
 @torch.no_grad()
-def tiled_encode(vae: WanVAE, video: Tensor, cfg: TilingConfig | None = None) -> tuple[Tensor, Tensor]:
+def tiled_encode(vae: TiledVAE, video: Tensor, cfg: TilingConfig | None = None) -> tuple[Tensor, Tensor]:
     """Video [3, T, H, W] in [-1, 1] -> (latent [t, h, w, 48] normalised, log_var [48, t, h, w] raw),
     fp32, encoded in spatial tiles of `cfg.tile` latent cells (16·tile pixels).
 
     The stitched `mu` is normalised only at the end, and `log_var` is returned raw, so a caller that
     samples `mu + exp(½·log_var)·ε` draws its noise once over the whole latent, never per tile.
     """
-    # Deferred: vae.py imports this module.
-    from lance_deploy.model.vae import patchify
-
     cfg = TilingConfig() if cfg is None else cfg
-    vae._check_loaded("encoder", vae.encoder)
+    ref = vae.part_weight("encoder")
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"VAE tiled encode expects [3, T, H, W], got {list(video.shape)}")
     _, frames, height, width = video.shape
     if (frames - 1) % 4 or height % SPATIAL_FACTOR or width % SPATIAL_FACTOR:
         raise ValueError(f"VAE encode needs T = 4k+1 and H, W multiples of 16, got T={frames}, {height}x{width}")
-    ref = vae._weights(vae.encoder)
     x = video.to(device=ref.device, dtype=ref.dtype).unsqueeze(0)  # [1, 3, T, H, W]
     h, w = height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
     # Tiles are cut on the 16-pixel grid, so every stride-2 stage inside sees aligned input.
@@ -323,16 +293,18 @@ def tiled_encode(vae: WanVAE, video: Tensor, cfg: TilingConfig | None = None) ->
 
         def run(ys: Span, xs: Span) -> tuple[Tensor]:
             tile = patchify(_crop(x, ys, xs, SPATIAL_FACTOR))
-            return (_stream(tile, _encoder_bounds(frames), StreamCache(), partial(_encoder_high, vae)),)
+            return (_stream(tile, _encoder_bounds(frames), StreamCache(),
+                            lambda chunk, c, first: vae.encoder.high_res(chunk, c)),)
 
         (feats,) = _blend_tiles(h, w, cfg, 1, ref.device, run)
         t = feats.shape[2]
-        low = _stream(feats.to(ref.dtype), list(range(t + 1)), StreamCache(), partial(_encoder_low, vae))
+        low = _stream(feats.to(ref.dtype), list(range(t + 1)), StreamCache(),
+                      lambda chunk, c, first: vae.encoder.low_res(chunk, c))
         mu, log_var = vae.conv1(low).chunk(2, dim=1)
     else:
 
         def run(ys: Span, xs: Span) -> tuple[Tensor, Tensor]:
-            return vae._encode_frames(_crop(x, ys, xs, SPATIAL_FACTOR), StreamCache())
+            return vae.encode_frames(_crop(x, ys, xs, SPATIAL_FACTOR), StreamCache())
 
         mu, log_var = _blend_tiles(h, w, cfg, 1, ref.device, run)
     latent = vae.normalize(mu)[0].permute(1, 2, 3, 0).contiguous()  # [t, h, w, 48]

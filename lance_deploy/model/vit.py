@@ -267,7 +267,7 @@ class QwenViT(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
 
-    def _rotary(self, hw: Tensor) -> tuple[Tensor, Tensor]:
+    def rotary(self, hw: Tensor) -> tuple[Tensor, Tensor]:
         """(h, w) positions [L, 2] -> fp32 (cos, sin) [L, head_dim], laid out [h-angles, w-angles] twice."""
         # head_dim/2 rotary angles per token: head_dim/4 frequencies for h, the same ones again for w.
         # Computed here, not as a buffer, so a meta-built model needs no extra materialisation step.
@@ -311,7 +311,7 @@ class QwenViT(nn.Module):
         x = x.view(n // unit, unit, hidden)[window_index].reshape(n, hidden)
         hw = patch_hw_positions(grid_thw, self.cfg.spatial_merge_size).to(dev)
         hw = hw.view(n // unit, unit, 2)[window_index].reshape(n, 2)
-        cos, sin = self._rotary(hw)
+        cos, sin = self.rotary(hw)
 
         full = set(self.cfg.fullatt_block_indexes)
         for i, blk in enumerate(self.blocks):

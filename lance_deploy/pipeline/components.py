@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lance_deploy.checkpoint.layout import ReleaseLayout
-from lance_deploy.checkpoint.loader import load_into
+from lance_deploy.checkpoint.loader import load_new
 from lance_deploy.checkpoint.names import check_keys, expected_lance_shapes
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.config import LLMConfig, VisionConfig
@@ -37,27 +37,22 @@ class Components:
 
 def load_lm(layout: ReleaseLayout, cfg: LLMConfig, spec: TaskSpec, dtype, device) -> LanceLM:
     """The MoT backbone with only the experts and heads the task uses."""
-    with torch.device("meta"):
-        lm = LanceLM(cfg, with_gen=spec.gen, with_lm_head=spec.lm_head)
     with layout.open_weights() as reader:
         # the whole release key set is checked from the header first, so a damaged or foreign
         # file fails before any tensor is read, naming its first offending keys
         expected = expected_lance_shapes(cfg, layout.variant, latent_rows=layout.latent_rows)
         check_keys(reader, expected, str(layout.weights_file))
-        load_into(lm, reader, dtype=dtype, device=device)
-    return lm.eval()
+        return load_new(lambda: LanceLM(cfg, with_gen=spec.gen, with_lm_head=spec.lm_head), reader, dtype=dtype,
+                        device=device)
 
 
 def load_vit(layout: ReleaseLayout, vcfg: VisionConfig, dtype, device):
     """The bundled ViT of the Video checkpoint wins over the standalone one, as upstream loads it last."""
     from lance_deploy.model.vit import QwenViT
 
-    with torch.device("meta"):
-        vit = QwenViT(vcfg)
     source = layout.require_vit()
     with SafetensorsReader(source.file) as reader:
-        load_into(vit, reader, dtype=dtype, device=device, prefix=source.prefix)
-    return vit.eval()
+        return load_new(lambda: QwenViT(vcfg), reader, dtype=dtype, device=device, prefix=source.prefix)
 
 
 def load_vae_parts(layout: ReleaseLayout, spec: TaskSpec, dtype, device):
@@ -72,7 +67,7 @@ def load_components(layout: ReleaseLayout, spec: TaskSpec, *, dtype: torch.dtype
     cfg = LLMConfig.from_file(layout.config_file)
     tokenizer = LanceTokenizer.from_dir(layout.tokenizer_dir)
     lm = load_lm(layout, cfg, spec, dtype, device)
-    vit = load_vit(layout, _vision_config(layout, cfg), dtype, device) if spec.vit else None
+    vit = load_vit(layout, layout.vision_config(cfg), dtype, device) if spec.vit else None
     vae = load_vae_parts(layout, spec, dtype, device) if (spec.vae_encoder or spec.vae_decoder) else None
     return Components(cfg=cfg, tokenizer=tokenizer, lm=lm, vit=vit, vae=vae, layout=layout, variant=layout.variant)
 
@@ -88,8 +83,8 @@ def load_artifact_components(path, spec: TaskSpec, *, dtype: torch.dtype, device
     reader = ArtifactReader(path)
     if verify:
         reader.verify()
-    cfg = LLMConfig.from_file(path / "llm_config.json")
-    tokenizer = LanceTokenizer.from_dir(path)
+    cfg = reader.config()
+    tokenizer = artifact_tokenizer(reader)
     lm = load_artifact_lm(reader, cfg, with_gen=spec.gen, with_lm_head=spec.lm_head, dtype=dtype, device=device)
     vit = load_artifact_vit(reader, cfg, dtype, device) if spec.vit else None
     parts = tuple(p for p, used in (("encoder", spec.vae_encoder), ("decoder", spec.vae_decoder)) if used)
@@ -98,11 +93,12 @@ def load_artifact_components(path, spec: TaskSpec, *, dtype: torch.dtype, device
     return Components(cfg=cfg, tokenizer=tokenizer, lm=lm, vit=vit, vae=vae, layout=None, variant=variant)
 
 
-def _vision_config(layout: ReleaseLayout, cfg: LLMConfig) -> VisionConfig:
-    """The standalone ViT's config.json when present, else the LLM config's vision_config."""
-    import json
-
-    vit_config = getattr(layout, "vit_config", None)
-    if vit_config is not None and vit_config.exists():
-        return VisionConfig.from_dict(json.loads(vit_config.read_text()))
-    return cfg.vision
+def artifact_tokenizer(reader) -> LanceTokenizer:
+    """An artifact's tokenizer from the files its manifest lists, each hash-checked first, so
+    nothing outside the artifact (the source model folder included) is read."""
+    if "tokenizer.json" in reader.manifest.files:
+        return LanceTokenizer.from_json(reader.read_file("tokenizer.json"), reader.path / "tokenizer.json")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        if name in reader.manifest.files:
+            reader.read_file(name)  # the hash check; the tokenizers library then reads the same file
+    return LanceTokenizer.from_dir(reader.path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lance_deploy.core.errors import LanceError
 from lance_deploy.model.lance import LanceLM
 from lance_deploy.pipeline.sampler import SamplerConfig, flow_schedule, guide
 
@@ -62,7 +63,8 @@ def _prefix_embeddings(model: LanceLM, inp: DenoiseInputs, end: int, t0: torch.T
         seq[inp.vit_indexes] = inp.vit_tokens.to(seq.dtype)
     rows = (inp.vae_indexes < end).nonzero().flatten()
     if rows.numel():
-        emb = model.embed_latents(inp.latents, t0, inp.vae_grids)
+        # the latents live on the host; on a GPU the bridge would meet them there (the rehearsal found it)
+        emb = model.embed_latents(inp.latents.to(t0.device), t0, inp.vae_grids)
         seq[inp.vae_indexes[rows]] = emb[rows]
     return seq
 
@@ -77,6 +79,14 @@ def _prefill(model: LanceLM, seq, inp: DenoiseInputs, splits, keep) -> "object":
         model.forward_chunk(seq[start:end], inp.rope_pos[:, start:end], cache, causal=mode == "causal",
                             gen_rows=gen_rows, update_cache=True)
     return cache
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    """Stop on a NaN / Inf latent instead of decoding it into a black frame (one reduction a step)."""
+    if not bool(torch.isfinite(x).all()):
+        kind = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise LanceError(f"the latents hold {kind} {where}; the run was stopped. Try --dtype float32 or "
+                         "bfloat16 (float16 overflows), a lower --cfg, or a less aggressive quantization recipe")
 
 
 @torch.no_grad()
@@ -127,6 +137,7 @@ def denoise(
         uncond_pos = inp.uncond_rope_pos[:, lu : lu + n_query]
 
     timesteps, dts = flow_schedule(sampler.steps, sampler.shift)
+    _check_finite(x, "before the first denoising step (the noise or the encoded condition)")
     for i, (t, dt) in enumerate(zip(timesteps.tolist(), dts.tolist())):
         tt = torch.where(update, torch.tensor(t, device=device), torch.zeros((), device=device))
         lat = model.embed_latents(x, tt, inp.vae_grids)[in_query]
@@ -145,6 +156,7 @@ def denoise(
         if trace is not None:
             trace.v_guided.append(v.clone())
         x[update] = x[update] - v[update_in_query] * dt
+        _check_finite(x, f"at denoising step {i + 1} of {sampler.steps} (t = {t:.3f})")
         if progress is not None:
             progress(i)
     return x

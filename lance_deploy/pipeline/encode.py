@@ -25,7 +25,9 @@ def area_sides(req: TaskRequest) -> tuple[int, int]:
     if req.preset not in PRESETS:
         raise LanceUsageError(f"--resolution {req.preset!r}: expected one of {', '.join(PRESETS)}")
     p = PRESETS[req.preset]
-    return req.vae_area_side or p.vae_side, req.vit_area_side or p.vit_side
+    # `is None`, not `or`: an override of 0 is refused by validation, never read as "no override"
+    vae = p.vae_side if req.vae_area_side is None else req.vae_area_side
+    return vae, p.vit_side if req.vit_area_side is None else req.vit_area_side
 
 
 def _frames(req: TaskRequest, notes: list) -> tuple[np.ndarray, bool]:

@@ -58,6 +58,7 @@ class UnderstandingOutput:
     logits: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    prompt_tokens: int = 0  # the rendered prompt's length (usage reports)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -95,10 +96,11 @@ class LancePipeline:
         self.phase = "load"  # the phase running now (named in out-of-memory messages)
         self.residency = None  # runtime.residency.ExpertResidency when a budget needs streaming
         self.spans: dict = {}
+        self.phase_observers: list = []  # f(phase) before each phase's residency swap (rehearsals)
 
     @classmethod
     def from_path(cls, path, task: str | tuple[str, ...], *, vit=None, vae=None, device=None,
-                  dtype=None, backend=None, memory_plan=None) -> LancePipeline:
+                  dtype=None, backend=None, memory_plan=None, compile: bool = False) -> LancePipeline:
         """Discover the release layout under `path` and load what `task` (or every task of a tuple) needs.
 
         `backend`: None / "torch", or a backend object from `lance_deploy.export.backend.make_backend`
@@ -113,8 +115,7 @@ class LancePipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
-        paged = memory_plan is not None and memory_plan.needs_streaming()
-        load_dev = torch.device("cpu") if paged else dev  # the residency manager places them later
+        load_dev = cls.load_device(memory_plan, dev)
         video = any(t in VIDEO_TASKS for t in tasks)
         if is_artifact(path):
             components = load_artifact_components(path, union_spec(tasks), dtype=dt, device=load_dev)
@@ -131,12 +132,39 @@ class LancePipeline:
         elif isinstance(backend, str):
             raise LanceUsageError(f"backend {backend!r}: pass a backend object, or use "
                                   "lance_deploy.api.load_pipeline(..., backend=...) for a name")
-        pipe = cls(components, tasks, dev, dt, backend)
-        if paged:
+        pipe = cls.from_components(components, tasks, device=dev, dtype=dt, backend=backend, memory_plan=memory_plan,
+                                   compile=compile)
+        pipe.load_seconds = time.perf_counter() - start
+        return pipe
+
+    @staticmethod
+    def load_device(memory_plan, device: torch.device) -> torch.device:
+        """Where the weights load: the host when the plan moves components phase by phase (the
+        residency manager places them), else the device itself."""
+        paged = memory_plan is not None and memory_plan.needs_residency()
+        return torch.device("cpu") if paged else device
+
+    @classmethod
+    def from_components(cls, components: Components, tasks: tuple[str, ...], *, device, dtype, backend=None,
+                        memory_plan=None, compile: bool = False) -> LancePipeline:
+        """A pipeline over components already loaded at `load_device(memory_plan, device)`;
+        `compile` wraps each backbone layer in torch.compile (`runtime.compile`)."""
+        dev = resolve_device(device) if not isinstance(device, torch.device) else device
+        pipe = cls(components, tasks, dev, dtype, backend)
+        if dev.type == "cuda":  # fused-kernel layouts, built once here (host copies of paged layers too)
+            from lance_deploy.formats.qlinear import QLinear
+
+            for m in components.lm.modules():
+                if isinstance(m, QLinear):
+                    m.prepare(dev)
+        if memory_plan is not None and memory_plan.needs_residency():
             from lance_deploy.runtime.residency import spans_for
 
             pipe.attach_residency(lambda r: spans_for(memory_plan.plan, r), memory_plan.plan.budget)
-        pipe.load_seconds = time.perf_counter() - start
+        if compile:
+            from lance_deploy.runtime.compile import compile_layers
+
+            compile_layers(components.lm)
         return pipe
 
     def attach_residency(self, spans, budget: int | None = None):
@@ -154,19 +182,24 @@ class LancePipeline:
 
     def _enter(self, phase: str) -> None:
         self.phase = phase
+        for observe in self.phase_observers:
+            observe(phase)
         if self.residency is not None and phase in self.spans:
             self.residency.enter(self.spans[phase])
 
-    def __call__(self, req: TaskRequest, *, progress: bool = True, trace: bool = False):
+    def __call__(self, req: TaskRequest, *, progress: bool = True, trace: bool = False, on_step=None,
+                 on_token=None):
+        """Run `req`. `on_step(done, total)` follows each denoising / decode step and may raise to stop
+        the run there (a server's cancel); `on_token(id)` sees each decoded x2t id (token streaming)."""
         if not covers(self.spec, req.task):
             raise LanceUsageError(f"this pipeline was loaded for {', '.join(self.tasks)}, not {req.task}")
-        req.validate()
+        req.validate(tokenizer=self.c.tokenizer)
         if req.task in GENERATION_TASKS:
-            return self._generate(req, progress, trace)
-        return self._understand(req, progress)
+            return self._generate(req, progress, trace, on_step)
+        return self._understand(req, progress, on_step, on_token)
 
     # -- generation -------------------------------------------------------------------------
-    def _generate(self, req: TaskRequest, progress: bool, trace: bool) -> GenerationOutput:
+    def _generate(self, req: TaskRequest, progress: bool, trace: bool, on_step=None) -> GenerationOutput:
         timings = {"load_s": self.load_seconds}
         t0 = time.perf_counter()
         media = encode_media(self.c, req, self.device, self.dtype, on_phase=self._enter)
@@ -189,8 +222,8 @@ class LancePipeline:
         t1 = time.perf_counter()
         rec = DenoiseTrace() if trace else None
         with step_bar(req.sampler.steps, f"{req.task} denoise", progress) as tick:
-            x = denoise(self.c.lm, inp, req.sampler, progress=tick, trace=rec, query_fn=query_fn,
-                        on_phase=self._enter)
+            x = denoise(self.c.lm, inp, req.sampler, progress=_ticks(tick, on_step, req.sampler.steps), trace=rec,
+                        query_fn=query_fn, on_phase=self._enter)
         timings["denoise_s"] = time.perf_counter() - t1
         timings["s_per_step"] = timings["denoise_s"] / req.sampler.steps
         blocks = _split_blocks(x, [b.grid for b in seq.vae_blocks])
@@ -237,7 +270,7 @@ class LancePipeline:
         return latents
 
     # -- understanding ----------------------------------------------------------------------
-    def _understand(self, req: TaskRequest, progress: bool) -> UnderstandingOutput:
+    def _understand(self, req: TaskRequest, progress: bool, on_step=None, on_token=None) -> UnderstandingOutput:
         timings = {"load_s": self.load_seconds}
         t0 = time.perf_counter()
         media = encode_media(self.c, req, self.device, self.dtype, on_phase=self._enter)
@@ -249,13 +282,28 @@ class LancePipeline:
         t1 = time.perf_counter()
         with step_bar(req.max_new_tokens, f"{req.task} decode", progress) as tick:
             res = understand(self.c.lm, inp, max_new_tokens=req.max_new_tokens, eos_id=tok.im_end,
-                             vocab_limit=len(tok), keep_logits=True, progress=tick, on_phase=self._enter)
+                             vocab_limit=len(tok), keep_logits=True, on_phase=self._enter, on_token=on_token,
+                             progress=_ticks(tick, on_step, req.max_new_tokens))
         timings["decode_s"] = time.perf_counter() - t1
         ids = res.token_ids[:-1] if res.token_ids and res.token_ids[-1] == tok.im_end else res.token_ids
         return UnderstandingOutput(text=tok.decode(ids), token_ids=res.token_ids, logits=res.logits,
+                                   prompt_tokens=int(seq.prompt_ids.numel()),
                                    timings=timings, notes=req.notes + media.notes)
 
 
+
+
+def _ticks(bar, on_step, total: int):
+    """One per-step callback for the progress bar and the caller's `on_step(done, total)`."""
+    if on_step is None:
+        return bar
+
+    def tick(i: int) -> None:
+        if bar is not None:
+            bar(i)
+        on_step(i + 1, total)
+
+    return tick
 
 
 def _split_blocks(x: torch.Tensor, grids) -> list[torch.Tensor]:

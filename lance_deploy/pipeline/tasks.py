@@ -7,17 +7,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lance_deploy.core.errors import LanceUsageError
-from lance_deploy.core.tasks import (  # noqa: F401  (re-exported: the vocabulary)
+from lance_deploy.core.tasks import (  # re-exported: the vocabulary
     GENERATION_TASKS,
     OUTPUT_FRAME_TASKS,
     TASKS,
     UNDERSTANDING_TASKS,
     VIDEO_TASKS,
 )
+from lance_deploy.media.io import check_pixels
+from lance_deploy.media.preprocess import (
+    PRESETS,
+    VAE_CROP,
+    VIT_CROP,
+    bucket_sizes,
+    sample_frame_indices,
+)
+from lance_deploy.pipeline import limits
+from lance_deploy.pipeline.limits import SPATIAL_STRIDE
 from lance_deploy.pipeline.sampler import SamplerConfig
 
 MAX_FRAMES = 121  # upstream max_num_frames: 31 latent frames
-SPATIAL_STRIDE = 16  # VAE 16x spatial compression
 TEMPORAL_STRIDE = 4
 
 DEFAULT_SYSTEM = {
@@ -92,53 +101,90 @@ class TaskRequest:
     def spec(self) -> TaskSpec:
         return SPECS[self.task]
 
-    def validate(self) -> "TaskRequest":
-        """Check options and fill defaults; raises LanceUsageError naming the option."""
+    def validate(self, *, media: bool = True, tokenizer=None) -> "TaskRequest":
+        """Check every option against what the model supports and fill defaults; raises one-line
+        LanceUsageErrors naming the option. Cheap and idempotent: the CLI calls it before loading
+        anything, first with `media=False` (before decoding the files), then in full.
+        `tokenizer`, when given, also caps the texts in tokens."""
         if self.task not in SPECS:
             raise LanceUsageError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
-        spec = self.spec
-        if self.task in UNDERSTANDING_TASKS:
-            if not self.question:
-                raise LanceUsageError(f"{self.task} needs --question TEXT")
-            self.system = self.system or DEFAULT_SYSTEM[self.task]
-            if self.max_new_tokens < 1:
-                raise LanceUsageError("--max-new-tokens must be at least 1")
-        elif not self.prompt:
-            raise LanceUsageError(f"{self.task} needs --prompt TEXT")
-        if spec.media == "image" and self.image is None:
-            raise LanceUsageError(f"{self.task} needs --image FILE")
-        if spec.media == "video" and self.video is None:
-            raise LanceUsageError(f"{self.task} needs --video PATH")
-        self.preset = self.preset or DEFAULT_PRESET[self.task]
+        self._validate_texts(tokenizer)
         self._validate_sampler()
+        self.max_new_tokens = limits.integer("--max-new-tokens", self.max_new_tokens, 1, limits.MAX_NEW_TOKENS)
+        self._validate_buckets()
         if self.task in ("t2i", "t2v"):
             self._validate_size()
         if self.task in OUTPUT_FRAME_TASKS:
             self._validate_frames()
+        if media:
+            self._validate_media()
         return self
+
+    def _validate_texts(self, tokenizer) -> None:
+        if self.task in UNDERSTANDING_TASKS:
+            if not self.question:
+                raise LanceUsageError(f"{self.task} needs --question TEXT")
+            self.system = self.system or DEFAULT_SYSTEM[self.task]
+        elif not self.prompt:
+            raise LanceUsageError(f"{self.task} needs --prompt TEXT")
+        texts = (("--prompt", self.prompt), ("--question", self.question), ("--system", self.system))
+        for option, value in texts:
+            limits.text(option, value)
+        if tokenizer is not None:
+            for option, value in texts:
+                limits.tokens(option, value, tokenizer)
 
     def _validate_sampler(self) -> None:
         s = self.sampler
-        if s.steps < 1:
-            raise LanceUsageError(f"--steps must be at least 1, got {s.steps}")
-        if s.shift <= 0:
-            raise LanceUsageError(f"--shift must be positive, got {s.shift}")
-        if s.cfg_scale < 0:
-            raise LanceUsageError(f"--cfg must be >= 0, got {s.cfg_scale}")
+        limits.integer("--steps", s.steps, 1, limits.MAX_STEPS, "a step count")
+        limits.real("--shift", s.shift, 0.0, limits.MAX_SHIFT, lo_open=True)
+        limits.real("--cfg", s.cfg_scale, 0.0, limits.MAX_CFG)
+        self.seed = limits.integer("--seed", self.seed, 0, limits.MAX_SEED, "a seed")
+
+    def _validate_buckets(self) -> None:
+        self.preset = self.preset or DEFAULT_PRESET[self.task]
+        if self.preset not in PRESETS:
+            raise LanceUsageError(f"--resolution {self.preset!r}: expected one of {', '.join(PRESETS)}")
+        if self.vae_area_side is not None:
+            self.vae_area_side = limits.bucket_side("--vae-area-side", self.vae_area_side, VAE_CROP, bucket_sizes)
+        if self.vit_area_side is not None:
+            self.vit_area_side = limits.bucket_side("--vit-area-side", self.vit_area_side, VIT_CROP, bucket_sizes)
 
     def _validate_size(self) -> None:
         default = (768, 768) if self.task == "t2i" else (480, 848)
-        self.height = self.height or default[0]
-        self.width = self.width or default[1]
-        for name, v in (("--height", self.height), ("--width", self.width)):
-            if v <= 0 or v % SPATIAL_STRIDE:
-                raise LanceUsageError(f"{name} {v} is not a positive multiple of {SPATIAL_STRIDE}")
+        self.height = limits.size("--height", self.height, default[0])
+        self.width = limits.size("--width", self.width, default[1])
+        limits.area(self.height, self.width)
+        if max(self.height, self.width) > limits.TABLE_SIDE:
+            note = (f"{self.height}x{self.width}: sides over {limits.TABLE_SIDE} px pass the model's latent position "
+                    "table; positions wrap as upstream's do, expect artefacts")
+            if note not in self.notes:
+                self.notes.append(note)
+
+    def _validate_media(self) -> None:
+        spec = self.spec
+        if spec.media == "image" and self.image is None:
+            raise LanceUsageError(f"{self.task} needs --image FILE")
+        if spec.media == "video" and self.video is None:
+            raise LanceUsageError(f"{self.task} needs --video PATH")
+        if spec.media == "video" and self.video_fps is None:
+            raise LanceUsageError(f"{self.task}: the --video frame rate is unknown; pass it with --fps")
+        for option, frames in (("--image", self.image), ("--video", self.video)):
+            if frames is not None and np.ndim(frames) >= 3:  # arrays handed in through the API meet the file caps
+                check_pixels(frames.shape[-2], frames.shape[-3], option)
+        if self.task == "video_edit":
+            kept = len(sample_frame_indices(len(self.video), self.video_fps))
+            if kept < 1 + TEMPORAL_STRIDE:  # one latent frame: the "video" would come out as a still
+                what = ("a single frame (a still image)" if len(self.video) == 1 else
+                        f"{len(self.video)} frames, {kept} after 12 fps sampling (at least {1 + TEMPORAL_STRIDE}, "
+                        "~0.4 s, are needed)")
+                raise LanceUsageError(f"video_edit edits a video (upstream's video_edit reads a clip), but --video "
+                                      f"has {what}; for a still image use image_edit --image FILE")
 
     def _validate_frames(self) -> None:
         if self.frames is None:
             self.frames = 121 if self.task == "t2v" else 61
-        if self.frames < 1 or self.frames > MAX_FRAMES:
-            raise LanceUsageError(f"--frames {self.frames} is outside 1..{MAX_FRAMES} (the model's limit)")
+        self.frames = limits.integer("--frames", self.frames, 1, MAX_FRAMES, "a frame count (the model's limit)")
         real = (self.frames - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE + 1
         if real != self.frames:
             self.notes.append(f"--frames {self.frames} is not 4k+1; generating {real} frames, as upstream does")

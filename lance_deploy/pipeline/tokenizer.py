@@ -78,6 +78,17 @@ class LanceTokenizer:
             f"{folder}: no tokenizer found (expected tokenizer.json, or vocab.json + merges.txt)"
         )
 
+    @classmethod
+    def from_json(cls, raw: bytes, source: Path) -> "LanceTokenizer":
+        """From the bytes of a `tokenizer.json` already read (an artifact's, hash-checked)."""
+        from tokenizers import Tokenizer
+
+        try:
+            backend = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # the Rust side raises a plain Exception on any parse error
+            raise CheckpointError(f"{source}: cannot be read as a tokenizers JSON file ({str(e)[:200]})") from None
+        return cls(backend, Path(source).parent)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS is added, special-token strings map to their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -33,7 +33,7 @@ class UnderstandResult:
 @torch.no_grad()
 def understand(
     model: LanceLM, inp: UnderstandInputs, *, max_new_tokens: int, eos_id: int, vocab_limit: int,
-    keep_logits: bool = False, progress=None, on_phase=None,
+    keep_logits: bool = False, progress=None, on_phase=None, on_token=None,
 ) -> UnderstandResult:
     """Greedy decode up to `max_new_tokens` ids (stops after emitting `eos_id`).
 
@@ -70,6 +70,8 @@ def understand(
         masked[vocab_limit:] = float("-inf")
         next_id = int(masked.argmax())
         result.token_ids.append(next_id)
+        if on_token is not None:  # before the eos check: the caller sees every id, eos included
+            on_token(next_id)
         if progress is not None:
             progress(step)
         if next_id == eos_id:

@@ -9,7 +9,7 @@ compute dtype's item size `b` (2 for bf16). Full-size numbers, bf16:
 | KV cache per token                          | L x 2 (K,V) x Hkv x d x b                  | 36,864 B               |
 | KV, t2i 768² (312 ctx / 56 uncond tokens)   | x tokens, 2 caches with text CFG           | 11.5 + 2.1 MB          |
 | KV, video_edit 480p x 69 (45,248 / 44,992)  |                                            | 1.67 + 1.66 GB         |
-| one layer, denoise query (MLP moment)       | n x (3Db [x, gathered, normed] + 3Ib)      | 78,336 B/token         |
+| one layer, denoise query (MLP moment)       | n x (5Db [x_in, h, x, gathered, normed] + 3Ib) | 86,528 B/token     |
 |   + cos/sin tables: per forward             | ~79.3 KB/token                             | t2i 768² (n 2,306) 183 MB; t2v 121 f (n 49,292) 3.91 GB |
 | attention moment                            | ~47 KB/token + (ctx+n) x 1,024 B (K/V cat) | x2t decode at 16.6k ctx: 17 MB |
 | masked causal split (math kernel)           | `math_attention_bytes`                     | x2t_video question (68 after 16,270): 0.65 GB |
@@ -90,9 +90,13 @@ def forward_bytes(s: LLMShape, n: int, b: int, *, gen_rows: int = 0, cached: int
     h = n * D * b  # normed input of the attention
     keys = cached + n
     kernel = math_attention_bytes(s, n, keys, masked) if math else s.heads * n * F32 + n * q * b
+    # after the attention: the layer's input (held by the caller's loop from layer 1 on), the
+    # attention's normed input `h` (not yet rebound) and the new residual; the fake-CUDA
+    # rehearsal found these missing at t2v size (0.56 GiB under the measured denoise peak)
+    post = (x if s.layers > 1 else 0) + h + x
     moments = {
-        "norm": x + gather + 2 * m * D * F32,
-        "mlp": x + gather + m * D * b + 3 * m * I * b,  # silu(gate), up and their product live together
+        "norm": post + gather + 2 * m * D * F32,
+        "mlp": post + gather + m * D * b + 3 * m * I * b,  # silu(gate), up and their product live together
         "qk_norm": x + h + gather + m * qkv * b + 3 * m * q * F32,
         "qkv_cat": x + h + gather + m * qkv * (b + F32) + m * qkv * F32 + (2 * n * qkv * F32 if mixed else 0),
         "rope": x + h + n * qkv * F32 + 3 * n * q * F32,

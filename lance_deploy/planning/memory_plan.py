@@ -23,7 +23,6 @@ Predicted peaks, bf16 release, reference sizes, default 256-token caption, CFG 4
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -100,11 +99,7 @@ class ModelInfo:
             return cls._load_artifact(path, task)
         layout = discover(path, vit=vit, vae=vae, variant="video" if task in VIDEO_TASKS else "image")
         cfg = LLMConfig.from_file(layout.config_file)
-        vision = cfg.vision
-        vit_config = layout.vit_dir / "config.json" if layout.vit_dir else None
-        if vit_config is not None and vit_config.is_file():  # the standalone config wins, as in components.py
-            vision = VisionConfig.from_dict(json.loads(vit_config.read_text()))
-        return cls(layout, cfg, vision, LanceTokenizer.from_dir(layout.tokenizer_dir))
+        return cls(layout, cfg, layout.vision_config(cfg), LanceTokenizer.from_dir(layout.tokenizer_dir))
 
     @classmethod
     def _load_artifact(cls, path, task: str) -> ModelInfo:
@@ -113,6 +108,7 @@ class ModelInfo:
         from pathlib import Path
 
         from lance_deploy.artifact.reader import ArtifactReader
+        from lance_deploy.pipeline.components import artifact_tokenizer
 
         path = Path(path)
         reader = ArtifactReader(path)
@@ -124,8 +120,8 @@ class ModelInfo:
         if task in VIDEO_TASKS and variant != "video":
             raise LanceUsageError(
                 f"{task} needs the video model (Lance_3B_Video), but {path} holds the image model")
-        cfg = LLMConfig.from_file(path / "llm_config.json")
-        return cls(None, cfg, cfg.vision, LanceTokenizer.from_dir(path), manifest)
+        cfg = reader.config()
+        return cls(None, cfg, cfg.vision, artifact_tokenizer(reader), manifest)
 
     @property
     def variant(self) -> str | None:
@@ -204,6 +200,19 @@ class MemoryPlan:
     def needs_streaming(self) -> bool:
         """Whether any phase streams an expert layer or uses a marker copy (else all stays resident)."""
         return any(p.markers or any(p.streamed.values()) for p in self.plan.phases)
+
+    @property
+    def resident_peak(self) -> int:
+        """The peak with every component the task loads on the device at once, embeddings included
+        (what a pipeline without phase residency holds): all weights + the busiest phase's rest."""
+        return sum(self.inventory.components.values()) + max(p.total - p.weights - p.buffers
+                                                              for p in self.plan.phases)
+
+    def needs_residency(self) -> bool:
+        """Whether the run must move components phase by phase: it streams, or the phases fit the
+        budget one at a time but not all together (the rehearsal found image_edit at 12 GiB
+        planned as fitting while the pipeline kept 14.2 GiB resident)."""
+        return self.needs_streaming() or self.resident_peak > self.plan.budget
 
     @property
     def fits(self) -> bool:

@@ -110,7 +110,8 @@ def _denoise(work: Workload, dims: ModelDims, opts: RunOptions, carried: int) ->
     if work.cfg:
         kv += kv_cache_bytes(s, work.uncond_context_tokens, b)
     forward = forward_bytes(s, n, b, gen_rows=N, cached=work.context_tokens, math=not opts.flash)
-    step = forward + 2 * n * s.hidden * b + 2 * N * LATENT_CHANNELS * 4  # latent rows + query; v, v_uncond
+    # latent rows + query; v, v_uncond; with CFG the cond branch's output lives through the uncond forward
+    step = forward + (3 if work.cfg else 2) * n * s.hidden * b + 2 * N * LATENT_CHANNELS * 4
     embed = latent_embedding_bytes(s, work.vae_rows, N, b)
     uses = {"und_expert": work.forwards, "gen_expert": work.forwards}
     return PhaseDemand("denoise", uses, ("norms_bridges",), kv, max(step, embed), 0, carried, work.forwards,

@@ -41,7 +41,7 @@ def _tiling(value) -> bool | None:
 def plan_memory(model, task: str, height: int | None = None, width: int | None = None, frames: int | None = None,
                 gpu_memory=None, cfg: float = 4.0, dtype="bfloat16", tiling=None, *, recipe: str | None = None,
                 steps: int = 30, preset: str | None = None, flash: bool | None = None, caption_tokens: int = 256,
-                max_new_tokens: int = 256, vit=None, vae=None, markers: str = "auto") -> MemoryPlan:
+                question_tokens: int = 64, max_new_tokens: int = 256, vit=None, vae=None, markers: str = "auto") -> MemoryPlan:
     """Plan `task` on the release (or quantized artifact folder) at `model` under `gpu_memory`
     (bytes or '16GiB'; default: free device memory minus 1 GiB). Reads headers, configs and an
     artifact's manifest only."""
@@ -56,7 +56,7 @@ def plan_memory(model, task: str, height: int | None = None, width: int | None =
     info = ModelInfo.load(model, task, vit=vit, vae=vae)
     req = PlanRequest(task, budget, height, width, frames, cfg=cfg, steps=steps, dtype=dt, recipe=recipe,
                       tiling=_tiling(tiling), flash=_flash_default() if flash is None else flash,
-                      caption_tokens=caption_tokens, max_new_tokens=max_new_tokens, preset=preset,
+                      caption_tokens=caption_tokens, question_tokens=question_tokens, max_new_tokens=max_new_tokens, preset=preset,
                       markers=markers)
     return make_plan(info, req)
 

@@ -33,9 +33,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from lance_deploy.checkpoint.layout import ReleaseLayout
-from lance_deploy.checkpoint.names import GEN_SUFFIX, LATENT_POS_KEY, VIT_PREFIX, component_of, layer_of
+from lance_deploy.checkpoint.names import LATENT_POS_KEY, VIT_PREFIX, component_of, layer_of
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
 from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.model.tree import expert_of
 from lance_deploy.pipeline.tasks import TaskSpec
 
 COMPONENTS = ("und_expert", "gen_expert", "embed_tokens", "lm_head", "norms_bridges", "vit", "vae_encoder",
@@ -75,7 +76,7 @@ def classify(name: str, source: str) -> tuple[str, int | None, bool]:
     if name == LATENT_POS_KEY:
         return "unused", None, False
     if name.startswith("language_model.model.norm"):
-        return "norms_bridges", None, GEN_SUFFIX in name
+        return "norms_bridges", None, expert_of(name) == "gen"
     part = component_of(name)
     if part == "bridges":
         return "norms_bridges", None, True

@@ -166,14 +166,14 @@ def _source(model_path, vit, vae, device):
 
     from lance_deploy.checkpoint import canonical as cn
     from lance_deploy.checkpoint.layout import discover
+    from lance_deploy.checkpoint.loader import load_layer
     from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
-    from lance_deploy.quant.quantize import _load_layer
 
     layout = discover(model_path, vit=vit, vae=vae)
     cfg = layout.config()
     reader = SafetensorsReader(layout.weights_file)
     dev = torch.device(device)
-    return layout, cn.layout_shapes(layout), cfg, (lambda i: _load_layer(reader, cfg, i, dev))
+    return layout, cn.layout_shapes(layout), cfg, (lambda i: load_layer(reader, cfg, i, device=dev))
 
 
 @dataclass
@@ -229,7 +229,7 @@ def measure_problem(problem: BudgetProblem, source, *, device="cpu", programs=No
     """Record calibration programs (unless given) and measure every (group, candidate)."""
     layout, cfg, layer_at, plans = source
     if programs is None:
-        from lance_deploy.quant.quantize import collect_calibration
+        from lance_deploy.calibrate.collect import collect_calibration
 
         programs = collect_calibration(layout, problem.base.calibration, device, progress)
     # Probe each group's gain with its cheapest candidate: the largest, most measurable error.

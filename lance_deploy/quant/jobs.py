@@ -9,7 +9,8 @@ change between runs and are simply rewritten.
 
 Each step's outputs are saved under ``steps/`` as safetensors (deterministic bytes) with their
 sha256 in ``progress.json``, so a resumed run reuses them bit for bit and a resumed artifact is
-byte-identical to an uninterrupted one. Every file is replaced atomically.
+byte-identical to an uninterrupted one. Every file is replaced atomically. One process at a
+time: ``start`` takes the lock ``<work>.lock`` (``core/lock.py``) unless the caller holds it.
 
 Layout::
 
@@ -32,9 +33,12 @@ import torch
 
 from lance_deploy import __version__
 from lance_deploy.checkpoint.fingerprint import SourceFingerprint, source_fingerprint
-from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
+from lance_deploy.checkpoint.safetensors_write import SafetensorsWriter
 from lance_deploy.core.errors import CheckpointError, LanceUsageError
+from lance_deploy.core.faults import fault_point
 from lance_deploy.core.fsutil import atomic_path, sha256_file
+from lance_deploy.core.lock import PathLock, held_here
 
 __all__ = ["JobFingerprint", "JobState", "SourceFingerprint", "source_fingerprint"]
 
@@ -83,6 +87,7 @@ class JobState:
     work_dir: Path
     created: str = ""
     _progress: dict[str, Any] = field(default_factory=dict)
+    _lock: PathLock | None = None
 
     def __post_init__(self) -> None:
         self.work_dir = Path(self.work_dir)
@@ -92,7 +97,17 @@ class JobState:
         """Create or resume the work dir; returns True when resuming finished steps.
 
         Raises LanceUsageError naming the differing fields when the work dir belongs to a job
-        with another fingerprint, unless ``restart`` (which discards its progress and steps)."""
+        with another fingerprint, unless ``restart`` (which discards its progress and steps), and
+        LockedError when another process has the work dir."""
+        if self._lock is None and not held_here(self.work_dir):
+            self._lock = PathLock(self.work_dir, "--work").acquire()
+        try:
+            return self._open(fingerprint, args, restart)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, fingerprint: JobFingerprint, args: Mapping[str, Any] | None, restart: bool) -> bool:
         args_path = self.work_dir / ARGS
         if restart:
             self._clear()
@@ -105,7 +120,7 @@ class JobState:
                 raise LanceUsageError(
                     f"{self.work_dir}: this work dir belongs to a job with different settings: "
                     f"{shown or 'fingerprint differs'}. Resuming would mix two quantizations; pass --restart to "
-                    "discard its progress, or use another --work-dir")
+                    "discard its progress, or use another --work")
             self.created = saved["created"]
             progress = self.work_dir / PROGRESS
             self._progress = self._read_json(progress) if progress.exists() else self._empty(fingerprint)
@@ -120,6 +135,18 @@ class JobState:
         self._write_args(fingerprint, args)
         self._write_progress()
         return False
+
+    def close(self) -> None:
+        """Release the work dir's lock if ``start`` took it."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> JobState:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def _empty(fp: JobFingerprint) -> dict[str, Any]:
@@ -183,6 +210,7 @@ class JobState:
         with SafetensorsWriter(path, entries, metadata=dict(meta or {})) as w:
             for k, t in tensors.items():
                 w.write(k, t)
+        fault_point("job.step-written")  # killed here: not in progress.json, so recomputed
         self.done(step, sha256_file(path))
 
     def load_step(self, step: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

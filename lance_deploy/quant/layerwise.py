@@ -12,21 +12,22 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lance_deploy.calibrate.record import Program
-from lance_deploy.calibrate.replay import INPUT_GROUPS, gen_name, observe, run_layer
+from lance_deploy.calibrate.replay import observe, run_layer
 from lance_deploy.config import LLMConfig
 from lance_deploy.model.mot import MoTLayer
+from lance_deploy.model.tree import INPUT_GROUPS
+from lance_deploy.quant.algorithms.registry import CALIBRATED, HESSIAN
 from lance_deploy.quant.algorithms.stats import LayerStats
-from lance_deploy.quant.apply import CALIBRATED, LayerResult, LinearJob, install, quantize_layer
+from lance_deploy.quant.apply import LayerResult, LinearJob, install, quantize_layer
 
 
 def _stats_factory(layer: MoTLayer, jobs: dict[str, LinearJob], stats: dict, reservoir: int):
     """LayerStats per (expert, group), with a Hessian only where GPTQ will read it."""
 
     def make(expert: str, group: str) -> LayerStats:
-        probe, members = INPUT_GROUPS[group]
-        paths = list(members) if expert == "und" else [gen_name(m) for m in members]
+        paths = INPUT_GROUPS[group].paths(expert)
         in_features = layer.get_submodule(paths[0]).weight.shape[1]
-        hessian = any(jobs[p].algorithm == "gptq" for p in paths if p in jobs)
+        hessian = any(jobs[p].algorithm in HESSIAN for p in paths if p in jobs)
         return stats.setdefault((expert, group), LayerStats(
             in_features, cap=reservoir, hessian_dtype=torch.float32 if hessian else None))
 

@@ -16,18 +16,14 @@ from lance_deploy import formats
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.core.units import format_bytes
 from lance_deploy.formats import FormatSpec
+from lance_deploy.model.tree import fold_group_of
+from lance_deploy.quant.algorithms.registry import REGISTRY, folds
 from lance_deploy.quant.recipe import Recipe, RecipeError
 from lance_deploy.quant.rule import QuantRule
 
 BF16_BYTES = 2
 SKIP = "skip"
 """PlanEntry.format of tensors that are not stored (``canonical.IGNORED``)."""
-
-# Linears sharing one RMSNorm output: AWQ/SmoothQuant scales fold into that norm only when every
-# member has the same spec, algorithm and params (mirrors quant/apply.py); otherwise each member
-# keeps its own runtime divisor (`smooth`, [in] fp32).
-FOLD_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
-SCALING_ALGORITHMS = ("awq", "smoothquant")
 
 
 @dataclass(frozen=True)
@@ -60,6 +56,11 @@ class PlanEntry:
         return FormatSpec(self.format, self.group_size, self.symmetric, self.activations)
 
     @property
+    def choice(self) -> tuple[FormatSpec, str, dict]:
+        """What the fold rule compares (``registry.folds``)."""
+        return self.spec(), self.algorithm, dict(self.params)
+
+    @property
     def expert(self) -> str:
         return cn.expert_of(self.name) or "shared"
 
@@ -75,6 +76,14 @@ class QuantPlan:
     recipe: Recipe
     entries: tuple[PlanEntry, ...]
     unused_rules: tuple[int, ...] = ()
+
+    @property
+    def unmatched_warnings(self) -> list[str]:
+        """One line per rule that matches no tensor (a typo, or the wrong model), catch-alls aside:
+        ``plan`` prints them, ``quantize`` refuses them unless --allow-unmatched."""
+        rules = self.recipe.rules
+        return [f"rules[{i}] {rules[i].match!r} matches no tensor" for i in self.unused_rules
+                if not rules[i].catch_all]
 
     def by(self, key: str) -> dict[str, int]:
         """Projected bytes grouped by 'expert', 'component' or 'format'."""
@@ -153,20 +162,19 @@ def _entries(shapes: Mapping[str, tuple[int, ...]], recipe: Recipe) -> dict[str,
 
 
 def _folds(entries: dict[str, PlanEntry], name: str) -> bool:
-    """True when `name`'s scale folds into its RMSNorm (all fold-group siblings agree)."""
-    leaf, layer, expert = cn.leaf_of(name), cn.layer_of(name), cn.expert_of(name)
-    group = next((g for g in FOLD_GROUPS if leaf in g), None)
+    """True when `name`'s scale folds into its RMSNorm (``registry.folds`` over its fold group)."""
+    group = fold_group_of(cn.leaf_of(name))
     if group is None:
         return False
-    sibs = [entries.get(f"blk.{layer}.{expert}.{m}") for m in group]
-    key = lambda e: (e.spec(), e.algorithm, tuple(sorted(e.params.items())))
-    return all(s is not None and s.packed for s in sibs) and len({key(s) for s in sibs}) == 1
+    sibs = [entries.get(f"blk.{cn.layer_of(name)}.{cn.expert_of(name)}.{leaf}") for leaf in group.linears]
+    return folds([s.choice if s is not None and s.packed else None for s in sibs])
 
 
 def _with_smooth(entries: dict[str, PlanEntry]) -> dict[str, PlanEntry]:
+    """Scaled members that do not fold keep their runtime divisor (``smooth``, [in] fp32)."""
     out = {}
     for name, e in entries.items():
-        if e.packed and e.algorithm in SCALING_ALGORITHMS and not _folds(entries, name):
+        if e.packed and REGISTRY[e.algorithm].group is not None and not _folds(entries, name):
             e = PlanEntry(**{**e.__dict__, "smooth": True, "bytes": e.bytes + e.shape[1] * 4})
         out[name] = e
     return out
@@ -217,9 +225,7 @@ def format_plan(plan: QuantPlan) -> str:
     if r.budget is not None:
         fits = "fits" if plan.total_bytes <= r.budget.target_bytes else "EXCEEDS"
         out.append(f"budget {r.budget.target}: projected weights {fits}")
-    if plan.unused_rules:
-        unused = ", ".join(f"rules[{i}] {r.rules[i].match!r}" for i in plan.unused_rules)
-        out.append(f"rules matching no tensor: {unused}")
+    out += [f"warning: {w}" for w in plan.unmatched_warnings]
     return "\n".join(out)
 
 
@@ -235,7 +241,7 @@ def plan_to_dict(plan: QuantPlan) -> dict[str, Any]:
     return {"recipe": plan.recipe.to_dict(), "tensors": [entry_to_dict(e) for e in plan.entries],
             "totals": {"bytes": plan.total_bytes, "bf16_bytes": plan.bf16_bytes, "by_expert": plan.by("expert"),
                        "by_component": plan.by("component"), "by_format": plan.by("format")},
-            "unused_rules": list(plan.unused_rules)}
+            "unused_rules": list(plan.unused_rules), "warnings": plan.unmatched_warnings}
 
 
 def plan_checkpoint(path, recipe: Recipe, *, vit=None, vae=None, variant: str | None = None) -> QuantPlan:

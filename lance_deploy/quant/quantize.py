@@ -9,6 +9,7 @@ same bytes; the artifact is assembled in `<out>.partial/` and renamed when seale
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,20 +20,19 @@ from lance_deploy import __version__
 from lance_deploy.artifact.writer import ArtifactWriter
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.checkpoint.layout import discover
-from lance_deploy.checkpoint.loader import load_into, load_vae_state_dict
+from lance_deploy.checkpoint.loader import load_layer, load_vae_state_dict
 from lance_deploy.checkpoint.pages import drop_file_pages
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
-from lance_deploy.core.tasks import VIDEO_TASKS
+from lance_deploy.checkpoint.vae_keys import check_vae_file
+from lance_deploy.core.faults import fault_point
+from lance_deploy.core.lock import PathLock
 from lance_deploy.formats import PackedTensor
 from lance_deploy.model.mot import MoTLayer
-from lance_deploy.quant.apply import LinearJob
+from lance_deploy.quant.apply import LinearJob, linear_jobs
 from lance_deploy.quant.jobs import JobFingerprint, JobState, source_fingerprint
 from lance_deploy.quant.layerwise import quantize_one_layer
 from lance_deploy.quant.plan import QuantPlan, resolve_plan
 from lance_deploy.quant.recipe import Recipe
-
-LAYER_PREFIX = "language_model.model.layers.{}."
-
 
 @dataclass
 class QuantizeResult:
@@ -41,21 +41,12 @@ class QuantizeResult:
     seconds: float
     resumed_layers: int
     calibration: dict
-
-
-def _module_path(canonical: str) -> str:
-    """'blk.3.gen.ffn_up' -> 'mlp_moe_gen.up_proj' (the module inside the layer)."""
-    release = cn.to_release(canonical)
-    return release.split(".", 4)[4].rsplit(".", 1)[0]
+    notes: tuple[str, ...] = ()  # what an interrupted run had left, and what became of it
 
 
 def _jobs(plan: QuantPlan, layer: int) -> dict[str, LinearJob]:
-    jobs = {}
-    for e in plan.entries:
-        if e.packed and cn.layer_of(e.name) == layer and cn.is_linear_weight(e.name):
-            algo = "rtn" if e.algorithm in ("none", None) else e.algorithm
-            jobs[_module_path(e.name)] = LinearJob(_module_path(e.name), e.spec(), algo, dict(e.params))
-    return jobs
+    return linear_jobs(e for e in plan.entries
+                       if e.packed and cn.layer_of(e.name) == layer and cn.is_linear_weight(e.name))
 
 
 def _shared_source(layout):
@@ -92,7 +83,7 @@ def _layer_tensors(plan: QuantPlan, index: int, layer: MoTLayer, result) -> dict
     for e in plan.entries:
         if cn.layer_of(e.name) != index or e.format == "skip":
             continue
-        path = _module_path(e.name)
+        path = cn.module_path(e.name)
         if cn.is_linear_weight(e.name) and path in result.packed:
             out[e.name] = result.packed[path]
             continue
@@ -121,13 +112,27 @@ def _unflatten(plan: QuantPlan, index: int, flat: dict[str, torch.Tensor]) -> di
     return out
 
 
-def _load_layer(reader: SafetensorsReader, cfg, index: int, device) -> MoTLayer:
-    with torch.device("meta"):
-        layer = MoTLayer(cfg, index, with_gen=True)
-    load_into(layer, reader, dtype=torch.float32, device=device, prefix=LAYER_PREFIX.format(index))
-    return layer.eval()
+def job_dir(out_dir, work_dir=None) -> Path:
+    """The job folder of a run: ``--work``, or ``OUT.job`` beside the artifact."""
+    out_dir = Path(out_dir)
+    return Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".job")
 
 
+def _one_writer(fn):
+    """Hold the locks of the artifact and of the job folder for the whole run (``core/lock.py``);
+    a second run on either is refused, one left by a killed run is taken over."""
+    @functools.wraps(fn)
+    def run(model_path, recipe, out_dir, *, work_dir=None, **kwargs) -> QuantizeResult:
+        out_dir, work_dir = Path(out_dir), job_dir(out_dir, work_dir)
+        with PathLock(out_dir, "--out") as out_lock, PathLock(work_dir, "--work") as work_lock:
+            res = fn(model_path, recipe, out_dir, work_dir=work_dir, **kwargs)
+        res.notes = (*(lock.note for lock in (out_lock, work_lock) if lock.note), *res.notes)
+        return res
+
+    return run
+
+
+@_one_writer
 def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, vae=None, device="cpu",
              restart: bool = False, overwrite: bool = False, progress: bool = True, programs=None,
              budget=None) -> QuantizeResult:
@@ -147,7 +152,7 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
                                 progress=progress)
         recipe, programs = chosen.recipe, chosen.programs
     out_dir = Path(out_dir)
-    work_dir = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".job")
+    work_dir = job_dir(out_dir, work_dir)
     layout, (job, source) = _open_job(model_path, recipe, work_dir, vit, vae, device, restart)
     cfg = layout.config()
     plan = resolve_plan(cn.layout_shapes(layout), recipe)
@@ -157,7 +162,9 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     programs = programs or []
     hidden = [[c.x for c in p.calls] for p in programs]
     read, lance = _shared_source(layout)
-    writer = ArtifactWriter(out_dir, overwrite=overwrite, num_layers=cfg.num_hidden_layers)
+    # what the manifest will carry: proves a sealed-but-unrenamed OUT.partial is this job's own
+    owner = {"source": source.to_dict(), "recipe": recipe.to_dict(), "created": job.created}
+    writer = ArtifactWriter(out_dir, overwrite=overwrite, num_layers=cfg.num_hidden_layers, owner=owner)
     writer.declare_plan(plan.entries)
     resumed = 0
     with tqdm(total=cfg.num_hidden_layers, desc="quantize layers", unit="layer", disable=not progress) as bar:
@@ -171,23 +178,26 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
                 hidden = _restore_hidden(flat, programs, hidden)
                 resumed += 1
             else:
-                layer = _load_layer(lance, cfg, index, device)
+                layer = load_layer(lance, cfg, index, device=device)
                 result, hidden = quantize_one_layer(layer, _jobs(plan, index), cfg, programs, hidden, device)
                 flat = _flatten(_layer_tensors(plan, index, layer, result)) | _hidden_tensors(hidden)
                 job.save_step(step, flat)
                 job.done(step)
+                fault_point("quantize.layer-done")
             for name, value in _unflatten(plan, index, flat).items():
                 writer.add(name, value)
             bar.update(1)
     summary = _calibration_summary(programs, recipe)
-    writer.seal(source=source.to_dict(),
-                recipe=recipe.to_dict(), calibration=summary, source_dir=layout.model_dir, created=job.created)
-    return QuantizeResult(out_dir, plan, time.perf_counter() - start, resumed, summary)
+    writer.seal(**owner, calibration=summary, source_dir=layout.model_dir)
+    notes = (writer.recovered,) if writer.recovered else ()
+    return QuantizeResult(out_dir, plan, time.perf_counter() - start, resumed, summary, notes)
 
 
 def _open_job(model_path, recipe: Recipe, work_dir: Path, vit, vae, device, restart: bool):
     """Discover the source and open (or resume) the job folder under the run's fingerprint."""
     layout = discover(model_path, vit=vit, vae=vae)
+    if layout.vae_file is not None:  # before any work: a broken VAE would be sealed into the artifact
+        check_vae_file(layout.vae_file)
     calib = recipe.calibration.to_dict() if (recipe.calibration and recipe.needs_calibration) else None
     source = source_fingerprint(layout)
     fingerprint = JobFingerprint.of(source.to_dict(), recipe.to_dict(), calib, __version__)
@@ -199,9 +209,11 @@ def _open_job(model_path, recipe: Recipe, work_dir: Path, vit, vae, device, rest
 def calibrate(model_path, recipe: Recipe, work_dir, *, device="cpu", restart=False, progress=True) -> dict:
     """Record the calibration programs into `work_dir`; a later `quantize(..., work_dir=...)` reuses them."""
     layout, (job, _) = _open_job(model_path, recipe, Path(work_dir), None, None, device, restart)
-    if not recipe.needs_calibration:
-        return {"calibrated": False, "reason": f"recipe {recipe.name} uses no calibrated algorithm"}
-    return _calibration_summary(_calibration_programs(layout, recipe, job, torch.device(device), progress), recipe)
+    with job:  # holds the work dir's lock until the programs are saved
+        if not recipe.needs_calibration:
+            return {"calibrated": False, "reason": f"recipe {recipe.name} uses no calibrated algorithm"}
+        return _calibration_summary(_calibration_programs(layout, recipe, job, torch.device(device), progress),
+                                    recipe)
 
 
 def _hidden_tensors(hidden) -> dict[str, torch.Tensor]:
@@ -226,6 +238,7 @@ def _calibration_summary(programs, recipe: Recipe) -> dict:
 
 
 def _calibration_programs(layout, recipe: Recipe, job: JobState, device, progress: bool):
+    from lance_deploy.calibrate.collect import collect_calibration
     from lance_deploy.calibrate.store import load_programs, save_programs
 
     if job.is_done("calibration"):
@@ -234,15 +247,3 @@ def _calibration_programs(layout, recipe: Recipe, job: JobState, device, progres
     job.save_step("calibration", *save_programs(programs))
     job.done("calibration")
     return programs
-
-
-def collect_calibration(layout, c, device, progress: bool):
-    """Record the programs of calibration config `c` (video tasks only on the video variant)."""
-    from lance_deploy.calibrate.collect import CollectSettings, collect_programs
-
-    tasks = tuple(t for t in c.tasks if layout.variant == "video" or t not in VIDEO_TASKS)
-    settings = CollectSettings(tasks=tasks, samples_per_task=c.samples_per_task, steps=c.steps,
-                               keep_steps=tuple(c.step_indices()), cfg_branches=tuple(c.cfg_branches),
-                               height=c.height, width=c.width, frames=c.frames, seed=c.seed,
-                               prompts_root=c.prompts_dir)
-    return collect_programs(layout.model_dir, settings, device=device, dtype="float32", progress=progress)

@@ -27,7 +27,8 @@ from lance_deploy.calibrate.config import CalibrationConfig
 from lance_deploy.core.schema import SchemaError as RecipeError
 from lance_deploy.core.schema import check_keys, expect, fail, one_of, parse_size
 from lance_deploy.formats.base import ACTIVATION_MODES, FORMAT_NAMES, FormatError
-from lance_deploy.quant.rule import ALGORITHMS, CALIBRATED, QuantChoice, QuantRule
+from lance_deploy.quant.algorithms.registry import ALGORITHMS, CALIBRATED
+from lance_deploy.quant.rule import QuantChoice, QuantRule
 
 SCHEMA_VERSION = 1
 TARGET_GPUS = ("ada-hopper", "ampere", "any")
@@ -152,22 +153,43 @@ class Recipe:
         """Read and validate a recipe file; errors name the file and the field."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise RecipeError(f"{path}: recipe file not found") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{path}: not valid YAML ({e})") from None
-        return cls.from_dict(data, str(path))
+        except OSError as e:
+            raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path}: not valid YAML (not UTF-8 text: byte {e.start})") from None
+        return cls.from_yaml_text(text, str(path))
 
     @classmethod
     def from_yaml_text(cls, text: str, where: str = "<recipe>") -> Recipe:
         try:
             return cls.from_dict(yaml.safe_load(text), where)
         except yaml.YAMLError as e:
-            raise RecipeError(f"{where}: not valid YAML ({e})") from None
+            raise _yaml_error(where, e) from None
+        except RecursionError:  # the parser and the schema walk recurse per nesting level
+            raise RecipeError(f"{where}: nested too deeply to be a recipe") from None
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+
+def _yaml_error(where: str, e: yaml.YAMLError) -> RecipeError:
+    """One line naming the file, line and column (PyYAML's own text spans several, with a caret)."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark, context = e.problem_mark or e.context_mark, " ".join(str(e.context or "").split())
+        if context and e.context_mark is not None and e.problem_mark is not None:
+            context += f" (from {at(e.context_mark)})"
+        what = "; ".join(x for x in (context, " ".join(str(e.problem or "").split())) if x) or type(e).__name__
+        if "tag:yaml.org,2002:python/" in what:
+            what += " (recipes are plain data: python tags are never constructed)"
+        return RecipeError(f"{where}: not valid YAML{' at ' + at(mark) if mark else ''}: {what}")
+    text = " ".join(str(e).split()).replace(' in "<unicode string>",', " at")  # a ReaderError: no line
+    return RecipeError(f"{where}: not valid YAML: {text}")
 
 
 def shipped_recipes() -> list[str]:

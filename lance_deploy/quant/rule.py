@@ -10,16 +10,7 @@ from typing import Any
 from lance_deploy.core.schema import SchemaError as RecipeError
 from lance_deploy.core.schema import check_keys, expect, fail, one_of
 from lance_deploy.formats.base import ACTIVATION_MODES, FORMAT_NAMES, INT4_GROUP_SIZES, FormatError, FormatSpec
-
-ALGORITHMS = ("rtn", "awq", "gptq", "smoothquant", "none")
-CALIBRATED = ("awq", "gptq", "smoothquant")
-ALGORITHM_PARAMS: dict[str, dict[str, tuple[type, ...]]] = {
-    "none": {}, "rtn": {},
-    "awq": {"grid": (int,), "clip": (bool,)},
-    "gptq": {"block_size": (int,), "damp": (float, int), "act_order": (bool,)},
-    "smoothquant": {"alpha": (float, int, type(None))},  # null: search alpha per layer
-}  # fmt: skip
-"""Keyword arguments each algorithm function accepts (``quant/algorithms``), with their types."""
+from lance_deploy.quant.algorithms.registry import ALGORITHMS, QUANTIZING, REGISTRY
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +25,7 @@ class QuantChoice:
     algorithm:           rtn | awq | gptq | smoothquant | none; None resolves to 'none' for bf16
                          and 'rtn' otherwise.
     activations:         None (weight-only) or 'dynamic_per_token' (fp8_e4m3 / int8 W8A8).
-    params:              keyword arguments of the algorithm (``ALGORITHM_PARAMS``).
+    params:              keyword arguments of the algorithm (``quant/algorithms/registry.py``).
     """
 
     format: str
@@ -64,7 +55,7 @@ class QuantChoice:
             expect(self.symmetric, (bool,), f"{where}.symmetric", "true, false or null")
         if (self.format == "bf16") != (self.algorithm == "none"):
             raise fail(f"{where}.algorithm", f"{self.algorithm!r} does not fit format {self.format!r}: "
-                       "bf16 takes algorithm 'none', quantized formats one of rtn, awq, gptq, smoothquant")
+                       f"bf16 takes algorithm 'none', quantized formats one of {', '.join(QUANTIZING)}")
         if self.algorithm == "smoothquant" and self.activations is None:
             raise fail(f"{where}.algorithm", "smoothquant migrates activation outliers into the weights, which only "
                        "pays with quantized activations; set activations: dynamic_per_token or use awq/gptq")
@@ -76,7 +67,7 @@ class QuantChoice:
                 raise fail(where, str(e)) from None
 
     def _validate_params(self, where: str) -> None:
-        allowed = ALGORITHM_PARAMS[self.algorithm]
+        allowed = REGISTRY[self.algorithm].params
         for k, v in self.params.items():
             if k not in allowed:
                 raise fail(f"{where}.params.{k}", f"unknown parameter for {self.algorithm}; allowed: "
@@ -132,6 +123,11 @@ class QuantRule(QuantChoice):
     @property
     def patterns(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.match.split("|"))
+
+    @property
+    def catch_all(self) -> bool:
+        """A ``'*'`` safety net: matching nothing only means earlier rules covered everything."""
+        return "*" in self.patterns
 
     def matches(self, name: str, linear: bool = True) -> bool:
         """Whether this rule applies to canonical ``name`` (``linear``: is it a Linear weight)."""

@@ -35,15 +35,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lance_deploy.calibrate.record import Program
-from lance_deploy.calibrate.replay import (
-    INPUT_GROUPS,
-    gen_name,
-    observe,
-    run_layer,
-)
+from lance_deploy.calibrate.replay import observe, run_layer
 from lance_deploy.checkpoint import canonical as cn
+from lance_deploy.model.tree import EXPERTS, INPUT_GROUPS
 from lance_deploy.quant.algorithms.stats import LayerStats
-from lance_deploy.quant.apply import LinearJob, install, quantize_layer
+from lance_deploy.quant.apply import LinearJob, install, linear_jobs, quantize_layer
 from lance_deploy.quant.plan import QuantPlan
 
 PARTS = {"attn": ("attn_q", "attn_k", "attn_v", "attn_o"), "mlp": ("ffn_gate", "ffn_up", "ffn_down")}
@@ -79,7 +75,7 @@ def groups_of(shapes) -> list[Group]:
         for part, leaves in PARTS.items():
             if layer is not None and leaf in leaves:
                 found.add(Group(layer, cn.expert_of(name), part))
-    return sorted(found, key=lambda g: (g.layer, ("und", "gen").index(g.expert), g.part))
+    return sorted(found, key=lambda g: (g.layer, EXPERTS.index(g.expert), g.part))
 
 
 @dataclass
@@ -98,19 +94,9 @@ class SensitivityTable:
         return {g.label: {"local": self.local[g], "gain": self.gain[g]} for g in self.groups}
 
 
-def _module_path(canonical: str) -> str:
-    """'blk.3.gen.ffn_up' -> 'mlp_moe_gen.up_proj' (the module inside the layer)."""
-    return cn.to_release(canonical).split(".", 4)[4].rsplit(".", 1)[0]
-
-
 def _group_jobs(plan: QuantPlan, g: Group) -> dict[str, LinearJob]:
     """The LinearJobs that quantize group ``g`` as ``plan`` (one candidate over all groups) says."""
-    jobs = {}
-    for name in g.names:
-        e = plan.entry(name)
-        algo = "rtn" if e.algorithm in ("none", None) else e.algorithm
-        jobs[_module_path(name)] = LinearJob(_module_path(name), e.spec(), algo, dict(e.params))
-    return jobs
+    return linear_jobs(plan.entry(name) for name in g.names)
 
 
 def _layer_stats(layer, cfg, programs, hidden, device, reservoir: int) -> dict:
@@ -119,9 +105,7 @@ def _layer_stats(layer, cfg, programs, hidden, device, reservoir: int) -> dict:
     stats: dict = {}
 
     def make(expert: str, group: str) -> LayerStats:
-        paths = INPUT_GROUPS[group][1]
-        path = paths[0] if expert == "und" else gen_name(paths[0])
-        n = layer.get_submodule(path).weight.shape[1]
+        n = layer.get_submodule(INPUT_GROUPS[group].probe(expert)).weight.shape[1]
         return stats.setdefault((expert, group), LayerStats(n, cap=reservoir, hessian_dtype=torch.float32))
 
     handles = observe(layer, make)

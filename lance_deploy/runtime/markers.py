@@ -22,7 +22,8 @@ from torch import nn
 
 from lance_deploy.formats import FormatError, FormatSpec, effective_weight, nbytes, quantize_rtn
 from lance_deploy.formats.qlinear import QLinear
-from lance_deploy.runtime.pager import GEN, ByteLedger, get_tensor, module_tensors, park, place, set_data, to_host
+from lance_deploy.model.tree import expert_of
+from lance_deploy.runtime.pager import ByteLedger, get_tensor, module_tensors, park, place, set_data, to_host
 
 FORMATS = {"int8": FormatSpec("int8"), "int4": FormatSpec("int4", group_size=128)}
 """The compact formats (the same specs as the planner's hypothetical recipes of `weights.py`)."""
@@ -32,7 +33,7 @@ def und_leaves(layer: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute, module) of every und module of `layer` that owns tensors directly."""
     out = []
     for name, mod in layer.named_modules():
-        if not name or GEN in name:
+        if not name or expert_of(name) == "gen":
             continue
         if any(t is not None for t in list(mod._parameters.values()) + list(mod._buffers.values())):
             parent_name, _, attr = name.rpartition(".")
@@ -55,7 +56,9 @@ def compact(mod: nn.Module, spec: FormatSpec) -> nn.Module:
             packed = None
         if packed is not None and packed.nbytes < _weight_bytes(mod):
             return QLinear(packed, bias)
-    return copy.deepcopy(mod).cpu()
+    out = copy.deepcopy(mod)
+    # host copies are already on the CPU; .cpu() would re-wrap every tensor (and cannot swap a fake one)
+    return out if all(t.device.type == "cpu" for t in out.state_dict().values()) else out.cpu()
 
 
 def module_bytes(mod: nn.Module) -> int:
@@ -91,7 +94,7 @@ class MarkerCopy:
 
     def __init__(self, backbone: nn.Module, layers, fmt: str, device, ledger: ByteLedger):
         self.fmt, self.ledger, self.device = fmt, ledger, torch.device(device)
-        spec, pin = FORMATS[fmt], self.device.type == "cuda"
+        spec = FORMATS[fmt]
         self.swaps = []  # (parent, attr, original, compact)
         with torch.no_grad():
             for i in sorted(layers):
@@ -100,7 +103,7 @@ class MarkerCopy:
         self.entries = []  # (module, attr, host tensor)
         for _, _, _, small in self.swaps:
             for mod, attr, _ in module_tensors(small):
-                host = to_host(get_tensor(mod, attr).detach(), pin)
+                host = to_host(get_tensor(mod, attr).detach(), self.device)
                 set_data(mod, attr, host)
                 self.entries.append((mod, attr, host))
         self.nbytes = sum(h.numel() * h.element_size() for _, _, h in self.entries)

@@ -1,8 +1,9 @@
 """Layer streaming for the MoT backbone: host copies, two device slots per expert, prefetch.
 
 A *group* is one expert's tensors in one layer: the und group of layer i is every parameter
-and buffer of `layers[i]` whose name has no `_moe_gen` (projections, QK-norms, MLP, the two
-layer norms; packed `QLinear` buffers included), the gen group is its `_moe_gen` twin.
+and buffer of `layers[i]` that `model.tree.expert_of` gives to the und expert (projections,
+QK-norms, MLP, the two layer norms; packed `QLinear` buffers included), the gen group is its
+generation twin.
 
 For each streamed group the host copy is the source of truth (pinned when the device is CUDA,
 so copies can run asynchronously). On the device each expert owns two reusable slots (flat
@@ -24,9 +25,9 @@ import torch
 from torch import nn
 
 from lance_deploy.core.errors import LanceError
+from lance_deploy.runtime.copy_engine import engine_for
+from lance_deploy.model.tree import EXPERTS, expert_of
 
-GEN = "_moe_gen"
-EXPERT_NAMES = ("und", "gen")
 ALIGN = 256  # slot offsets: >= the CPU allocator's 64 B and CUDA's 256 B, so kernels see aligned data
 
 
@@ -77,13 +78,9 @@ class ByteLedger:
         self.phase_peak[name] = max(self.phase_peak.get(name, 0), self.current)
 
 
-def expert_of(name: str) -> str:
-    return "gen" if GEN in name else "und"
-
-
 def module_tensors(module: nn.Module, expert: str | None = None) -> list[tuple[nn.Module, str, str]]:
     """(owner module, attribute, dotted name) of every parameter and non-None buffer under
-    `module`, optionally only those of one expert (by the `_moe_gen` rule on the dotted name)."""
+    `module`, optionally only those of one expert (`model.tree.expert_of` of the dotted name)."""
     out = []
     for prefix, mod in module.named_modules():
         for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
@@ -106,21 +103,16 @@ def set_data(mod: nn.Module, attr: str, data: torch.Tensor) -> None:
     get_tensor(mod, attr).data = data
 
 
-def to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
-    """A host copy of `t` (pinned for async H2D copies), or `t` itself when it already is one."""
-    if t.device.type == "cpu" and (not pin or t.is_pinned()):
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-    host.copy_(t)
-    return host
+def to_host(t: torch.Tensor, device) -> torch.Tensor:
+    """A host copy of `t` to stream to `device` (pinned for CUDA), or `t` itself when it is one."""
+    return engine_for(device).host_copy(t)
 
 
 def place(entries, device: torch.device) -> None:
     """Point each (module, attr, host tensor) at a fresh device copy (async from pinned memory)."""
+    engine = engine_for(device)
     for mod, attr, host in entries:
-        dev = torch.empty(host.shape, dtype=host.dtype, device=device)
-        dev.copy_(host, non_blocking=host.is_pinned())
-        set_data(mod, attr, dev)
+        set_data(mod, attr, engine.to_device(host))
 
 
 def park(entries) -> None:
@@ -129,7 +121,8 @@ def park(entries) -> None:
         set_data(mod, attr, host)
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """Bytes `n` rounded up to the slot alignment (where the next tensor of a slot starts)."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -144,13 +137,13 @@ class Group:
     payload: int  # unpadded bytes copied per load
 
     @classmethod
-    def of(cls, layer_module: nn.Module, layer: int, expert: str, pin: bool) -> Group:
+    def of(cls, layer_module: nn.Module, layer: int, expert: str, device) -> Group:
         entries, off, payload = [], 0, 0
         for mod, attr, _ in module_tensors(layer_module, expert):
-            host = to_host(get_tensor(mod, attr).detach(), pin)
+            host = to_host(get_tensor(mod, attr).detach(), device)
             n = host.numel() * host.element_size()
             entries.append((mod, attr, host, off))
-            off += _aligned(n)
+            off += aligned(n)
             payload += n
         return cls(layer, expert, entries, off, payload)
 
@@ -167,8 +160,8 @@ class Slot:
         ledger.alloc(key, nbytes)
         self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.key, self.layer = key, None
-        self.ready = None  # event: the copy into this slot finished (CUDA only)
-        self.done = None  # event: compute finished reading this slot (CUDA only)
+        self.ready = None  # event: the copy into this slot finished (None without streams)
+        self.done = None  # event: compute finished reading this slot (None without streams)
         self.busy = False
 
     def view(self, host: torch.Tensor, off: int) -> torch.Tensor:
@@ -187,24 +180,24 @@ class LayerPager:
         self.device = torch.device(device)
         self.ledger = ledger
         self.cuda = self.device.type == "cuda"
-        pin = self.cuda
+        self.engine = engine_for(self.device)  # streams, events, pinned copies (runtime.copy_engine)
         n_layers = len(backbone.layers)
         self.groups: dict[tuple[int, str], Group] = {}
-        for e in EXPERT_NAMES:
+        for e in EXPERTS:
             for i in sorted(stream.get(e, ())):
                 if not module_tensors(backbone.layers[i], e):
                     continue  # e.g. no gen expert loaded (x2t)
-                self.groups[(i, e)] = Group.of(backbone.layers[i], i, e, pin)
+                self.groups[(i, e)] = Group.of(backbone.layers[i], i, e, self.device)
         for g in self.groups.values():
             g.park()
         # per expert: the streamed layers in order (for "next streamed layer after i")
-        self.order = {e: sorted(i for i, x in self.groups if x == e) for e in EXPERT_NAMES}
+        self.order = {e: sorted(i for i, x in self.groups if x == e) for e in EXPERTS}
         self.slots: dict[str, list[Slot]] = {}
         for e, layers in self.order.items():
             if layers:
                 size = max(self.groups[(i, e)].nbytes for i in layers)
                 self.slots[e] = [Slot(size, self.device, ledger, ("slot", e, s)) for s in range(2)]
-        self.side = torch.cuda.Stream(self.device) if self.cuda else None
+        self.side = self.engine.side_stream()
         self.n_layers = n_layers
         self.use_gen = True
         self.copies = 0
@@ -222,7 +215,7 @@ class LayerPager:
                 slot = self._ensure(i, e)
                 slot.busy = True
                 if slot.ready is not None:
-                    torch.cuda.current_stream(self.device).wait_event(slot.ready)
+                    self.engine.wait(slot.ready)
                 for mod, attr, host, off in self.groups[(i, e)].entries:
                     set_data(mod, attr, slot.view(host, off))
             nxt = next((j for j in self.order[e] if j > i), None)
@@ -236,9 +229,7 @@ class LayerPager:
             if g is None:
                 continue
             slot = self._holding(i, e)
-            if self.cuda:
-                slot.done = torch.cuda.Event()
-                slot.done.record(torch.cuda.current_stream(self.device))
+            slot.done = self.engine.record()
             slot.busy = False
             slot.layer = None  # one use per load: the next forward copies again (what the plan counts)
             g.park()
@@ -263,18 +254,13 @@ class LayerPager:
         slot = next((s for s in self.slots[e] if not s.busy and s.layer is None), None)
         if slot is None:  # both slots hold pending layers: reuse the one not being computed
             slot = next(s for s in self.slots[e] if not s.busy)
-        g = self.groups[(i, e)]
-        if self.cuda:
-            with torch.cuda.stream(self.side):
-                if slot.done is not None:
-                    self.side.wait_event(slot.done)  # compute may still read the old layer
-                for _, _, host, off in g.entries:
-                    slot.view(host, off).copy_(host, non_blocking=True)
-                slot.ready = torch.cuda.Event()
-                slot.ready.record(self.side)
-        else:
+        g, engine = self.groups[(i, e)], self.engine
+        with engine.using(self.side):
+            if slot.done is not None:
+                engine.wait(slot.done, self.side)  # compute may still read the old layer
             for _, _, host, off in g.entries:
-                slot.view(host, off).copy_(host)
+                engine.copy_into(slot.view(host, off), host)
+            slot.ready = engine.record(self.side)
         slot.layer = i
         self.copies += 1
         self.ledger.copied(g.payload)
@@ -282,8 +268,8 @@ class LayerPager:
 
     def close(self) -> None:
         """Free the slots (the groups stay parked on the host)."""
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
+        if self.side is not None:
+            self.engine.wait_stream(self.side)
         for slots in self.slots.values():
             for s in slots:
                 self.ledger.free(s.key)

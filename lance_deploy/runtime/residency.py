@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lance_deploy.model.tree import twin
 from lance_deploy.runtime.pager import (
     ByteLedger,
     LayerPager,
+    aligned,
     get_tensor,
     module_tensors,
     park,
@@ -61,7 +63,6 @@ class ExpertResidency:
         self.lm, self.device, self.ledger = lm, torch.device(device), ledger
         self.backbone = lm.language_model.model
         self.n_layers = len(self.backbone.layers)
-        pin = self.device.type == "cuda"
         self.units: dict[str, list] = {}  # unit -> [(module, attr, host tensor)]
         for name, modules in self._unit_modules(lm, vit, vae).items():
             entries = []
@@ -70,7 +71,7 @@ class ExpertResidency:
                     t = get_tensor(mod, attr)
                     if t.is_meta:  # a part the task did not load (e.g. the VAE encoder for t2i)
                         continue
-                    entries.append((mod, attr, to_host(t.detach(), pin)))
+                    entries.append((mod, attr, to_host(t.detach(), self.device)))
             if entries:
                 self.units[name] = entries
         self.placed: set[str] = set()
@@ -85,7 +86,7 @@ class ExpertResidency:
         for i, layer in enumerate(bb.layers):
             out[f"und.{i}"] = [(layer, "und")]
             out[f"gen.{i}"] = [(layer, "gen")]
-        out["norms_bridges"] = [(getattr(bb, n), None) for n in ("norm", "norm_moe_gen") if hasattr(bb, n)]
+        out["norms_bridges"] = [(getattr(bb, n), None) for n in ("norm", twin("norm")) if hasattr(bb, n)]
         out["norms_bridges"] += [(getattr(lm, n), None) for n in ("time_embedder", "vae2llm", "llm2vae")
                                  if hasattr(lm, n)]
         if hasattr(lm.language_model, "lm_head"):
@@ -118,14 +119,12 @@ class ExpertResidency:
     def span_bytes(self, span: Span) -> int:
         """The ledger's peak while `span` is entered: resident units + the pager's two slots per
         streamed expert (aligned like the pager lays them out)."""
-        from lance_deploy.runtime.pager import _aligned
-
         resident, stream = self.layer_units(span)
         total = sum(self.unit_bytes(u) for u in list(span.units) + resident)
         for e, layers in stream.items():
             if not layers or f"{e}.0" not in self.units:
                 continue
-            per = max(sum(_aligned(h.numel() * h.element_size()) for _, _, h in self.units[f"{e}.{i}"])
+            per = max(sum(aligned(h.numel() * h.element_size()) for _, _, h in self.units[f"{e}.{i}"])
                       for i in layers)
             total += 2 * per
         if span.markers:

@@ -26,7 +26,8 @@ from lance_deploy.checkpoint.names import (
     expected_vit_shapes,
     layer_of,
 )
-from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
+from lance_deploy.checkpoint.safetensors_write import SafetensorsWriter
 from lance_deploy.cli import cli
 from lance_deploy.config import FULL_LLM, TINY_LLM
 from lance_deploy.core.errors import CheckpointError
@@ -102,14 +103,14 @@ def test_reader_truncated(ckpt, tmp_path):
 def test_reader_corrupt_header_and_garbage(tmp_path):
     bad_json = b'{"a": {"dtype": "F32", '
     p = _bad_file(tmp_path, "json.safetensors", len(bad_json).to_bytes(8, "little") + bad_json)
-    with pytest.raises(CheckpointError, match=r"json\.safetensors: corrupt header \(not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"json\.safetensors: corrupt header: not valid JSON"):
         SafetensorsReader(p)
     p = _bad_file(tmp_path, "garbage.bin", bytes(range(256)) * 64)
     with pytest.raises(CheckpointError, match=r"garbage\.bin: "):
         SafetensorsReader(p)
     hdr = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 60]}}).encode()
     p = _bad_file(tmp_path, "shape.safetensors", len(hdr).to_bytes(8, "little") + hdr + bytes(64))
-    with pytest.raises(CheckpointError, match=r"shape\.safetensors: corrupt header: tensor 'w' F32\[4, 4\] needs 64"):
+    with pytest.raises(CheckpointError, match=r"shape\.safetensors: corrupt header: tensor 'w' data_offsets: F32\[4, 4\] needs 64"):
         SafetensorsReader(p)
     with pytest.raises(CheckpointError, match=r"nothere\.safetensors: file not found"):
         SafetensorsReader(tmp_path / "nothere.safetensors")
@@ -277,6 +278,22 @@ def test_load_into_errors_name_keys():
         load_into(m, src, dtype=torch.float32)
     src["proj.weight"] = torch.zeros(4, 8)
     assert load_into(m, src, dtype=torch.float32, strict=False) == ["steps", "norm.weight", "norm.bias"]
+
+
+def test_load_new_and_load_layer(ckpt):
+    from lance_deploy.checkpoint.loader import load_layer, load_new
+    from lance_deploy.model.tree import layer_prefix
+
+    layout = discover(ckpt / "Lance_3B")
+    with SafetensorsReader(layout.weights_file) as r:
+        layer = load_layer(r, layout.config(), 1)
+        und = load_layer(r, layout.config(), 1, with_gen=False, dtype=torch.bfloat16)
+        for k, t in layer.state_dict().items():
+            assert t.dtype == torch.float32 and torch.equal(t, r.read(layer_prefix(1) + k, dtype=torch.float32)), k
+        assert not layer.training and not any(p.is_meta or p.requires_grad for p in layer.parameters())
+        assert set(und.state_dict()) < set(layer.state_dict()) and und.mlp.up_proj.weight.dtype == torch.bfloat16
+        with pytest.raises(CheckpointError, match=r"1 tensors do not fit _Tiny: missing steps"):
+            load_new(_Tiny, {k: v for k, v in _Tiny().state_dict().items() if k != "steps"}, dtype=None)
 
 
 def test_load_vae_state_dict(ckpt, tmp_path):

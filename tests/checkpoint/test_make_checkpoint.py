@@ -21,7 +21,8 @@ from lance_deploy.checkpoint.layout import discover_all
 from lance_deploy.checkpoint.make import init_value, make_checkpoint
 from lance_deploy.checkpoint.make_tokenizer import EXTRA, SPECIAL, TOKEN_IDS
 from lance_deploy.checkpoint.make_vae import derived_vae_shapes, vae_shapes
-from lance_deploy.checkpoint.safetensors_io import SafetensorsReader, SafetensorsWriter
+from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
+from lance_deploy.checkpoint.safetensors_write import SafetensorsWriter
 from lance_deploy.cli import cli
 from lance_deploy.config import LLMConfig
 from lance_deploy.core.errors import LanceUsageError

@@ -115,7 +115,7 @@ def test_verify_matches_pytorch_and_records_errors(export_dir):
 
 def test_gen_layer_dynamic_axes_at_two_sizes(export_dir, source):
     from lance_deploy.export.parts import layer_inputs
-    from lance_deploy.export.reference import _kv_cache
+    from lance_deploy.export.reference import kv_cache
     from lance_deploy.model.mot import Routing
 
     sess = _session(export_dir, "gen-layer.01")
@@ -124,7 +124,7 @@ def test_gen_layer_dynamic_axes_at_two_sizes(export_dir, source):
     for n, lc in ((5, 2), (43, 29)):
         x, cos, sin, pk, pv = layer_inputs(source, n, lc, seed=n)
         with torch.no_grad():
-            routing, cache = Routing.of(n, torch.arange(1, n - 1)), _kv_cache(source, 1, pk, pv)
+            routing, cache = Routing.of(n, torch.arange(1, n - 1)), kv_cache(source, 1, pk, pv)
             ref = layer(x, (cos, sin), routing, cache, False, False)
         (got,) = sess.run(None, {"hidden": x.numpy(), "cos": cos.numpy(), "sin": sin.numpy(),
                                  "past_key": pk.numpy(), "past_value": pv.numpy()})
@@ -133,14 +133,14 @@ def test_gen_layer_dynamic_axes_at_two_sizes(export_dir, source):
 
 def test_und_layer_decode_step_and_prefill(export_dir, source):
     from lance_deploy.export.parts import layer_inputs
-    from lance_deploy.export.reference import _kv_cache
+    from lance_deploy.export.reference import kv_cache
     from lance_deploy.model.mot import Routing
 
     sess = _session(export_dir, "und-layer.00")
     layer = source.layer(0, with_gen=False)
     for n, lc in ((1, 11), (23, 4)):
         x, cos, sin, pk, pv = layer_inputs(source, n, lc, seed=n)
-        cache = _kv_cache(source, 0, pk, pv)
+        cache = kv_cache(source, 0, pk, pv)
         with torch.no_grad():
             ref = layer(x, (cos, sin), Routing(), cache, True, True)
         h, k, v = sess.run(None, {"hidden": x.numpy(), "cos": cos.numpy(), "sin": sin.numpy(), "past_key": pk.numpy(),
@@ -168,7 +168,7 @@ def test_nearest_upsample_swap_is_exact(source):
     ref_vae, vae = source.vae("decoder"), make_exportable(source.vae("decoder"))
     z = torch.randn(1, 48, 2, 3, 3, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        assert torch.equal(vae._decode_frames(z, StreamCache()), ref_vae._decode_frames(z, StreamCache()))
+        assert torch.equal(vae.decode_frames(z, StreamCache()), ref_vae.decode_frames(z, StreamCache()))
 
 
 def test_reexport_same_is_allowed_and_failed_export_leaves_nothing(tmp_path, monkeypatch):

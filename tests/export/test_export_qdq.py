@@ -81,17 +81,17 @@ def _rel(a, b) -> float:
 @pytest.mark.parametrize("case", list(CASES))
 def test_quantized_gen_layer_matches_qlinear_layer(case, source, tmp_path):
     from lance_deploy.export.graphs import GenLayerGraph
-    from lance_deploy.export.parts import _LAYER_AXES, layer_inputs
+    from lance_deploy.export.parts import LAYER_AXES, layer_inputs
     from lance_deploy.export.qdq import DOMAIN, QDQ_OPSET, quantized_bytes, quantized_linears
-    from lance_deploy.export.reference import _kv_cache
-    from lance_deploy.export.tensorrt_build import _has_qdq
+    from lance_deploy.export.reference import kv_cache
+    from lance_deploy.export.tensorrt_build import has_qdq
     from lance_deploy.model.mot import Routing
 
     spec, code_type = CASES[case]
     layer = source.layer(1, with_gen=True)
     fp32_linear_bytes = sum(m.weight.numel() * 4 for m in layer.modules() if isinstance(m, torch.nn.Linear))
     n_linear = _quantize(layer, spec)
-    entry, path = _export(GenLayerGraph(layer), layer_inputs(source, 18, 8, seed=1), dict(_LAYER_AXES), tmp_path)
+    entry, path = _export(GenLayerGraph(layer), layer_inputs(source, 18, 8, seed=1), dict(LAYER_AXES), tmp_path)
 
     # The graph: standard Q/DQ at opset 21, no placeholder left, one weight DQ per Linear.
     model = onnx.load(str(path))
@@ -100,7 +100,7 @@ def test_quantized_gen_layer_matches_qlinear_layer(case, source, tmp_path):
     assert {o.domain: o.version for o in model.opset_import} == {"": QDQ_OPSET}
     assert ops.count("DequantizeLinear") == n_linear * (2 if spec.activations else 1)
     assert ops.count("QuantizeLinear") == (n_linear if spec.activations else 0)
-    assert _has_qdq(path) and entry.meta["quantized"]["layer.mlp_moe_gen.down_proj"] == spec.label
+    assert has_qdq(path) and entry.meta["quantized"]["layer.mlp_moe_gen.down_proj"] == spec.label
 
     # The weights are stored quantized: typed codes, and about the packed bytes in total.
     codes = [i for i in model.graph.initializer if i.name.endswith(("weight_q", "weight_idx"))]
@@ -117,7 +117,7 @@ def test_quantized_gen_layer_matches_qlinear_layer(case, source, tmp_path):
     for n, lc in SIZES:
         x, cos, sin, pk, pv = layer_inputs(source, n, lc, seed=100 + n)
         with torch.no_grad():
-            ref = layer(x, (cos, sin), Routing.of(n, torch.arange(1, n - 1)), _kv_cache(source, 1, pk, pv),
+            ref = layer(x, (cos, sin), Routing.of(n, torch.arange(1, n - 1)), kv_cache(source, 1, pk, pv),
                         False, False)
         (got,) = session.run(None, dict(hidden=x.numpy(), cos=cos.numpy(), sin=sin.numpy(), past_key=pk.numpy(),
                                         past_value=pv.numpy()))
@@ -126,17 +126,17 @@ def test_quantized_gen_layer_matches_qlinear_layer(case, source, tmp_path):
 
 def test_quantized_und_layer_with_kv_outputs(source, tmp_path):
     from lance_deploy.export.graphs import UndLayerGraph
-    from lance_deploy.export.parts import _LAYER_AXES, layer_inputs
-    from lance_deploy.export.reference import _kv_cache
+    from lance_deploy.export.parts import UND_LAYER_AXES, layer_inputs
+    from lance_deploy.export.reference import kv_cache
     from lance_deploy.model.mot import Routing
 
     layer = source.layer(0, with_gen=False)
     _quantize(layer, FormatSpec("int8", activations=W8A8))
-    axes = dict(_LAYER_AXES, present_key={0: "Lc_plus_n"}, present_value={0: "Lc_plus_n"})
+    axes = dict(UND_LAYER_AXES)
     args = (*layer_inputs(source, 18, 8, seed=0), torch.tensor([True]))
     _, path = _export(UndLayerGraph(layer), args, axes, tmp_path, name="und-layer.00")
     x, cos, sin, pk, pv = layer_inputs(source, 9, 5, seed=3)
-    cache = _kv_cache(source, 0, pk, pv)
+    cache = kv_cache(source, 0, pk, pv)
     with torch.no_grad():
         ref = layer(x, (cos, sin), Routing(), cache, True, True)
     h, k, v = _session(path).run(None, dict(hidden=x.numpy(), cos=cos.numpy(), sin=sin.numpy(), past_key=pk.numpy(),

@@ -79,16 +79,16 @@ def test_streams_resume_across_calls(vae):
     """Feeding a stream in pieces with one cache equals one call: what tiling/streaming builds on."""
     t = load_case("vae_video")
     x = t["pixels"].unsqueeze(0)  # [1, 3, 9, H, W]
-    mu_once, _ = vae._encode_frames(x, StreamCache())
+    mu_once, _ = vae.encode_frames(x, StreamCache())
     cache = StreamCache()
-    mu_a, _ = vae._encode_frames(x[:, :, :5], cache)
-    mu_b, _ = vae._encode_frames(x[:, :, 5:], cache)
+    mu_a, _ = vae.encode_frames(x[:, :, :5], cache)
+    mu_b, _ = vae.encode_frames(x[:, :, 5:], cache)
     torch.testing.assert_close(torch.cat([mu_a, mu_b], 2), mu_once, rtol=1e-5, atol=1e-5)
 
     z = vae.denormalize(t["dec_input_latent"].permute(3, 0, 1, 2).unsqueeze(0))  # [1, 48, 3, h, w]
-    once = vae._decode_frames(z, StreamCache())
+    once = vae.decode_frames(z, StreamCache())
     cache = StreamCache()
-    parts = [vae._decode_frames(z[:, :, i : i + 1], cache) for i in range(z.shape[2])]
+    parts = [vae.decode_frames(z[:, :, i : i + 1], cache) for i in range(z.shape[2])]
     torch.testing.assert_close(torch.cat(parts, 2), once, rtol=1e-5, atol=1e-5)
 
 

@@ -12,6 +12,8 @@ from conftest import golden_root, load_case
 from golden_requests import request_from_case
 from torch import nn
 
+from lance_deploy.model.tree import expert_of
+
 
 def _path(meta) -> str:
     return str(golden_root() / "ckpt" / meta["checkpoint"])
@@ -54,7 +56,7 @@ def test_marker_copy_serves_only_the_denoise_span(fmt, exact):
     meta, g = load_case("t2i")
     pipe = _pipe(meta)
     layer = pipe.c.lm.language_model.model.layers[1]
-    originals = {n: m for n, m in layer.named_modules() if n and "_moe_gen" not in n}
+    originals = {n: m for n, m in layer.named_modules() if n and expert_of(n) == "und"}
     spans = [Span("prefill", ("norms_bridges",), {"und": 0, "gen": 0}),
              Span("denoise", ("norms_bridges",), {"und": 2, "gen": 0}, fmt),
              Span("vae_decode", ("vae_decoder",))]

@@ -1,0 +1,93 @@
+"""Results on disk: one file per job under <out>/results, written atomically, with its parameters.
+
+A PNG carries them in a tEXt chunk ("lance"), an MP4 in a JSON sidecar of the same name, an x2t
+answer is a JSON file. `encode` makes the bytes (a Ray replica sends them to the ingress);
+`write` puts them in place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from lance_deploy.core.fsutil import atomic_path
+
+NAME = re.compile(r"^job_[0-9a-f]{20}\.(png|mp4|json)$")
+MEDIA_TYPES = {"png": "image/png", "mp4": "video/mp4", "json": "application/json"}
+VIDEO_FPS = 12  # as `lance-deploy run` writes
+
+
+def result_meta(job, output, model_id: str) -> dict:
+    return {"job_id": job.id, "task": job.task, "model": model_id, "created": time.time(),
+            "seed": job.request.seed, "params": job.params, "notes": list(output.notes),
+            "timings": {k: round(float(v), 4) for k, v in output.timings.items()}}
+
+
+def encode(job, output, model_id: str, eos_id: int | None = None) -> tuple[list[tuple[str, bytes]], dict]:
+    """-> ([(file name, bytes)], the result JSON of the job) for a pipeline output."""
+    meta = result_meta(job, output, model_id)
+    if hasattr(output, "text"):
+        ids = output.token_ids
+        ended = bool(ids) and ids[-1] == eos_id
+        finish = "length" if not ended and len(ids) >= job.request.max_new_tokens else "stop"
+        usage = {"prompt_tokens": output.prompt_tokens, "completion_tokens": len(ids),
+                 "total_tokens": output.prompt_tokens + len(ids)}
+        result = {"text": output.text, "finish_reason": finish, "usage": usage}
+        name = f"{job.id}.json"
+        return [(name, json.dumps({**meta, **result}, indent=1).encode())], {**result, "files": [name]}
+    frames = output.frames
+    if frames.shape[0] == 1:
+        name, data = f"{job.id}.png", _png_bytes(frames[0], {"lance": json.dumps(meta)})
+        files = [(name, data)]
+    else:
+        name = f"{job.id}.mp4"
+        sidecar = json.dumps({**meta, "fps": VIDEO_FPS}, indent=1).encode()
+        files = [(name, _mp4_bytes(frames)), (f"{job.id}.json", sidecar)]
+    result = {"files": [n for n, _ in files], "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
+              "width": int(frames.shape[2]), "seed": job.request.seed, "notes": meta["notes"]}
+    return files, result
+
+
+def _png_bytes(frame, text: dict) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _mp4_bytes(frames) -> bytes:
+    from lance_deploy.media.io import write_video
+
+    with tempfile.TemporaryDirectory(prefix="lance-serve-") as tmp:
+        path = Path(tmp) / "out.mp4"
+        write_video(frames, path, fps=VIDEO_FPS)
+        return path.read_bytes()
+
+
+class ResultStore:
+    def __init__(self, out: Path):
+        self.root = Path(out) / "results"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write(self, files: list[tuple[str, bytes]]) -> None:
+        """Each file atomically; a sidecar after its MP4, so a sidecar always names a complete video."""
+        for name, data in files:
+            with atomic_path(self.root / name) as tmp:
+                tmp.write_bytes(data)
+
+    def path(self, name: str) -> Path | None:
+        """The stored file `name`, or None (also for any name that is not a result's: no traversal)."""
+        if not NAME.match(name):
+            return None
+        p = self.root / name
+        return p if p.is_file() else None

@@ -213,6 +213,7 @@ class RayScheduler:
                 log.warning("job %s: replica %s failed (%s), attempt %d", job.id, job.replica, reason, attempt)
                 if attempt < ATTEMPTS:
                     job.emit("retrying", attempt=attempt + 1, reason=reason)
+                    await asyncio.sleep(1.0)  # let the router learn the replica is gone
                     continue
                 job.finish(FAILED, error=f"the replica running it failed twice; last: {reason}",
                            error_type="server_error")
@@ -225,10 +226,9 @@ class RayScheduler:
     def _forward(self, job: Job, ev: dict) -> bool:
         """Replay a replica event on the ingress's job; True at the end."""
         kind, data = ev["type"], dict(ev["data"])
+        job.replica = ev["replica"]
         if kind == "queued":
             return False  # the ingress said it already
-        if kind == "started":
-            job.replica = ev["replica"]
         if kind == "rejected":  # the router sent more than the replica's queue holds (rare)
             job.finish(FAILED, error=data["error"], error_type="rate_limit_error")
             return True

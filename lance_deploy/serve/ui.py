@@ -1,8 +1,7 @@
 """The web UI (Gradio) at /ui: the seven tasks, with progress from the job events and a multi-turn
 editing session (each turn edits an earlier output; history strip, branch from any turn, download)."""
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Gradio reads the real gr.SelectData annotation
 import hmac
 from pathlib import Path
 
@@ -79,8 +78,9 @@ def build_ui(scheduler, out: Path):
             edit = gr.Button("Apply edit", variant="primary", elem_id="edit-go")
             e_status = gr.Markdown(elem_id="edit-status")
             branch = gr.Markdown("Next edit: on the last turn.", elem_id="edit-branch")
-            strip = gr.Gallery(label="History (select a turn to branch from it)", columns=8, height=180,
-                               allow_preview=False, elem_id="edit-history")
+            strip = gr.Gallery(label="History (select a turn to branch from it)", columns=8, rows=1, height=200,
+                               object_fit="contain", fit_columns=False, allow_preview=False,
+                               elem_id="edit-history")
             download = gr.DownloadButton("Download current turn", visible=False, elem_id="edit-download")
 
             @guarded
@@ -139,7 +139,7 @@ def build_ui(scheduler, out: Path):
             v_side = _side_control(gr, "video")
             v_go = gr.Button("Generate video", variant="primary", elem_id="video-go")
             v_status = gr.Markdown(elem_id="video-status")
-            v_out = gr.Video(label="Result", interactive=False, elem_id="video-result")
+            v_out = gr.Video(label="Result", interactive=False, height=360, elem_id="video-result")
 
             @guarded
             async def video(*args):

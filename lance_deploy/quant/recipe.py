@@ -170,6 +170,8 @@ class Recipe:
             raise _yaml_error(where, e) from None
         except RecursionError:  # the parser and the schema walk recurse per nesting level
             raise RecipeError(f"{where}: nested too deeply to be a recipe") from None
+        except ValueError as e:  # PyYAML's int(): a number past sys.get_int_max_str_digits() (fuzz corpus)
+            raise RecipeError(f"{where}: not valid YAML ({str(e).splitlines()[0][:100]})") from None
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)

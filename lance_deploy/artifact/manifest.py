@@ -3,7 +3,10 @@
 Everything the loader needs is written here, never inferred from file names or byte counts:
 each tensor's canonical and release name, format spec, logical shape, shard, and per field the
 safetensors key, dtype, shape, absolute byte offset and size, plus a sha256 over its bytes.
-Groups (expert x layer range) name the shard the runtime pages with one read.
+Groups (expert x layer range) name a shard span that ``ArtifactReader.read_group`` loads with one
+positioned read (the pager pages from host copies, not from shards); ``files`` maps each
+copied file (llm_config.json, tokenizer files) to its sha256. ``from_json`` accepts nothing the
+writer would not write (record rules between records: ``manifest_rules.py``).
 
 Layout of the folder::
 

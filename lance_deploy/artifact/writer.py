@@ -1,7 +1,7 @@
 """Write a quantized artifact folder (``exported/<name>/``) atomically, one shard per group.
 
 A group is one expert's layer range (``und-000-011``, ``gen-012-023``; 12 layers by default) or
-``shared`` / ``vit`` / ``vae``: the unit the runtime pages with one positioned read. Each shard is
+``shared`` / ``vit`` / ``vae``: the unit ``ArtifactReader.read_group`` loads with one positioned read. Each shard is
 streamed with ``SafetensorsWriter``, which needs its entries up front, so a group is either
 declared first (``declare``: tensors go straight to disk as they are added; what the quantizer
 does from its plan) or buffered in memory until ``close_group`` (fine for small groups).

@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lance_deploy.checkpoint.names import LATENT_POS_KEY, LATENT_ROWS, VIT_PREFIX
+from lance_deploy.checkpoint.names import (
+    LATENT_POS_KEY,
+    LATENT_ROWS,
+    VIT_PREFIX,
+    check_keys,
+    expected_lance_shapes,
+)
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.config import LLMConfig, VisionConfig
 from lance_deploy.core.errors import CheckpointError
@@ -64,6 +70,13 @@ class ReleaseLayout:
     def open_weights(self) -> SafetensorsReader:
         """A header-validated reader of ``weights_file`` (close it, or use ``with``)."""
         return SafetensorsReader(self.weights_file)
+
+    def check_keys(self, cfg: LLMConfig) -> None:
+        """Refuse (CheckpointError naming the file and keys) a weights file whose header lacks a release
+        key, has a foreign one or a wrong shape; reads the header only."""
+        with self.open_weights() as reader:
+            expected = expected_lance_shapes(cfg, self.variant, latent_rows=self.latent_rows)
+            check_keys(reader, expected, str(self.weights_file))
 
     def require_vit(self) -> VitSource:
         """The ViT weights the model uses: the bundled ``vit_model.*`` if present (upstream

@@ -99,6 +99,7 @@ class ModelInfo:
             return cls._load_artifact(path, task)
         layout = discover(path, vit=vit, vae=vae, variant="video" if task in VIDEO_TASKS else "image")
         cfg = LLMConfig.from_file(layout.config_file)
+        layout.check_keys(cfg)  # a plan of a release with missing or transposed tensors would be wrong
         return cls(layout, cfg, layout.vision_config(cfg), LanceTokenizer.from_dir(layout.tokenizer_dir))
 
     @classmethod

@@ -247,5 +247,8 @@ def plan_to_dict(plan: QuantPlan) -> dict[str, Any]:
 def plan_checkpoint(path, recipe: Recipe, *, vit=None, vae=None, variant: str | None = None) -> QuantPlan:
     """Stage function behind ``lance-deploy plan``: discover the model, read headers, resolve."""
     from lance_deploy.checkpoint.layout import discover
+    from lance_deploy.config import LLMConfig
 
-    return resolve_plan(cn.layout_shapes(discover(path, vit=vit, vae=vae, variant=variant)), recipe)
+    layout = discover(path, vit=vit, vae=vae, variant=variant)
+    layout.check_keys(LLMConfig.from_file(layout.config_file))  # missing or transposed tensors: refused
+    return resolve_plan(cn.layout_shapes(layout), recipe)

@@ -250,13 +250,15 @@ def _manifest_cases(t: Tally, rng: random.Random, n: int, root: Path) -> None:
 
 def _config_cases(t: Tally, rng: random.Random, n_llm: int, n_vit: int, root: Path) -> None:
     m = Mutator(rng)
-    d = model_copy(root / "cfg", replace=("llm_config.json",))
-    base = json.loads((d / "llm_config.json").read_text())
+    dl = download_copy(root / "dl")  # with the ViT and VAE beside it, a benign config plans fine
+    llm = dl / "Lance_3B" / "llm_config.json"
+    llm.unlink()
+    base = json.loads((ckpt() / "Lance_3B" / "llm_config.json").read_text())
     for _ in range(n_llm):
         text, ops = m.text(base, VALUE_OPS)
-        (d / "llm_config.json").write_bytes(text)
-        t.cli("llm_config", ["memory-plan", "--model", d, "--task", "t2i", "--gpu-memory", "16GiB"], ops)
-    dl = download_copy(root / "dl")
+        llm.write_bytes(text)
+        t.cli("llm_config", ["memory-plan", "--model", dl, "--task", "t2i", "--gpu-memory", "16GiB"], ops)
+    llm.write_text(json.dumps(base))
     cfg = dl / "Qwen2.5-VL-ViT" / "config.json"
     base = json.loads(cfg.read_text())
     for _ in range(n_vit):

@@ -132,8 +132,8 @@ def read_video(path, fps: float | None = None) -> tuple[np.ndarray, float]:
         raise MediaError(f"video not found: {path}")
     still = _still_image_format(path)
     if still:
-        raise MediaError(f"cannot decode video {path}: it is a still {still} image; give a video file "
-                         "(or a folder of frames with --fps), or use the image task for a picture")
+        raise MediaError(f"cannot decode video {path}: it is a still {still} image (a single frame); give a video file "
+                         "(or a folder of frames with --fps), or for a picture use image_edit or x2t_image")
     frames, container_fps = _read_video_file(path)
     return frames, float(fps) if fps is not None else container_fps
 

@@ -49,7 +49,7 @@ def _requests(n: int) -> list[tuple[str, str, dict]]:
     return out
 
 
-async def run(url: str, n: int, concurrency: int, timeout: float) -> dict:
+async def run(url: str, n: int, concurrency: int, timeout: float, retries: int = 0) -> dict:
     import httpx
 
     host = urlparse(url).hostname
@@ -63,11 +63,16 @@ async def run(url: str, n: int, concurrency: int, timeout: float) -> dict:
     async def one(c, kind, path, body):
         async with sem:
             t = time.perf_counter()
-            try:
-                r = await c.post(path, json=body)
-            except httpx.HTTPError as e:
-                lost.append(f"{kind}: {type(e).__name__}: {e}")
-                return
+            for attempt in range(retries + 1):  # a polite client waits Retry-After seconds, a bounded number of times
+                try:
+                    r = await c.post(path, json=body)
+                except httpx.HTTPError as e:
+                    lost.append(f"{kind}: {type(e).__name__}: {e}")
+                    return
+                if r.status_code != 429 or attempt == retries:
+                    break
+                outcomes["429 retried"] += 1
+                await asyncio.sleep(min(float(r.headers.get("retry-after", 1)), 10.0))
             dt = time.perf_counter() - t
             if r.status_code == 200:
                 outcomes[f"{kind} 200"] += 1
@@ -93,7 +98,8 @@ async def run(url: str, n: int, concurrency: int, timeout: float) -> dict:
         health = (await c.get("/healthz")).json()
     ok = sum(v for k, v in outcomes.items() if k.endswith(" 200"))
     return {
-        "requests": n, "concurrency": concurrency, "wall_s": round(wall, 2), "outcomes": dict(sorted(outcomes.items())),
+        "requests": n, "concurrency": concurrency, "retries": retries, "wall_s": round(wall, 2),
+        "outcomes": dict(sorted(outcomes.items())),
         "lost": lost, "successes_per_s": round(ok / wall, 2),
         "latency_s": {"p50": round(statistics.median(latency), 3) if latency else None,
                       "p95": round(statistics.quantiles(latency, n=20)[-1], 3) if len(latency) >= 20 else None,
@@ -111,9 +117,10 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--queue-size", type=int, default=16, help="with --model: the server's queue")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    ap.add_argument("--retries", type=int, default=0, help="times a client retries a 429 after Retry-After")
     a = ap.parse_args(argv)
     if a.url:
-        report = asyncio.run(run(a.url, a.requests, a.concurrency, a.timeout))
+        report = asyncio.run(run(a.url, a.requests, a.concurrency, a.timeout, a.retries))
     else:
         report = _with_server(a)
     print(json.dumps(report, indent=1))
@@ -142,7 +149,8 @@ def _with_server(a) -> dict:
         while not server.started:
             time.sleep(0.05)
         try:
-            return asyncio.run(run(f"http://127.0.0.1:{sock.getsockname()[1]}", a.requests, a.concurrency, a.timeout))
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+            return asyncio.run(run(url, a.requests, a.concurrency, a.timeout, a.retries))
         finally:
             server.should_exit = True
             thread.join(30)

@@ -5,8 +5,9 @@ A killed run can leave, depending on where it died (``writer.seal`` runs these s
 * ``OUT.partial`` with the marker file: unsealed work; cleared (the job folder keeps the layers).
 * ``OUT.partial`` without the marker but with a lance-deploy manifest: killed after the manifest
   was written and the marker removed, before the final rename. Cleared and rebuilt when the
-  manifest's source, recipe and creation time are this job's (the job proves it is ours);
-  otherwise refused, saying what it is.
+  manifest's source and recipe are this run's: its creation time too means this very job, and
+  without it (the job folder was removed) a rebuild still gives the same weights, so nothing is
+  lost. Another source or recipe is refused, saying what it is.
 * ``OUT`` missing and ``OUT.old-<pid>``: an ``--overwrite`` killed between its two renames; the
   previous artifact is put back. ``OUT`` present and ``OUT.old-<pid>``: the replaced artifact's
   removal was cut short; removed.
@@ -76,16 +77,17 @@ def clear_partial(partial: Path, out_dir: Path, owner: Mapping[str, Any] | None)
         note = f"{partial}: cleared the unsealed folder of an interrupted run"
     elif not any(partial.iterdir()):
         note = f"{partial}: removed the empty folder of a run killed as it started"
-    elif made_by(partial, owner):
-        note = (f"{partial}: this job's finished artifact, killed before its final rename; "
-                "rebuilt from the job folder")
+    elif owner and made_by(partial, {k: v for k, v in owner.items() if k != "created"}):
+        whose = ("this job's" if made_by(partial, owner) else
+                 f"an earlier job's (same source and recipe, created {_manifest(partial).get('created')})")
+        note = f"{partial}: {whose} finished artifact, killed before its final rename; rebuilt to the same weights"
         (partial / PARTIAL_MARKER).write_text(MARKER_TEXT)  # ours again should the removal be cut short
     elif (m := _manifest(partial)) is not None:
         recipe = m["recipe"].get("name") if isinstance(m.get("recipe"), dict) else None
         raise ArtifactError(
             f"{partial}: a complete artifact (recipe {recipe!r}, created "
-            f"{m.get('created')}) whose final rename never happened, and not this job's (other source, recipe "
-            f"or job folder); rename it to {out_dir.name} to keep it, or remove it")
+            f"{m.get('created')}) whose final rename never happened, made from another source or recipe than this "
+            f"run's; rename it to {out_dir.name} to keep it, or remove it")
     else:
         raise ArtifactError(f"{partial}: exists without the lance-deploy marker or manifest, so it was not made "
                             "by lance-deploy; remove it or pick another --out")

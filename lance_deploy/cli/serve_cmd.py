@@ -34,8 +34,8 @@ Examples:
 @click.option("--no-ui", is_flag=True, help="Serve the API only (no web UI at /ui).")
 @click.option("--ray", "use_ray", is_flag=True, help="Scale out on Ray Serve: one model replica per GPU.")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="With --ray: replicas to start.")
-@click.option("--min-replicas", type=click.IntRange(1), help="With --ray: autoscaling lower bound (default --replicas).")
-@click.option("--max-replicas", type=click.IntRange(1), help="With --ray: autoscaling upper bound (default --replicas).")
+@click.option("--min-replicas", type=click.IntRange(1), help="With --ray: autoscaling floor (default --replicas).")
+@click.option("--max-replicas", type=click.IntRange(1), help="With --ray: autoscaling ceiling (default --replicas).")
 @click.option("--ray-address", help="With --ray: join this cluster (e.g. HEAD_IP:6379; default: start a local Ray).")
 def serve_cmd(model_path, variant, gpu_memory, host, port, api_key, queue_size, queue_timeout, max_upload, out,
               device, dtype, no_ui, use_ray, replicas, min_replicas, max_replicas, ray_address):
@@ -50,6 +50,7 @@ def serve_cmd(model_path, variant, gpu_memory, host, port, api_key, queue_size, 
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
                    err=True)
     out.mkdir(parents=True, exist_ok=True)
+    upload = parse_size(max_upload, "--max-upload")
     if use_ray:
         from lance_deploy.serve.ray_app import RayConfig, serve_ray
 
@@ -58,7 +59,7 @@ def serve_cmd(model_path, variant, gpu_memory, host, port, api_key, queue_size, 
             raise LanceUsageError(f"--replicas {replicas} is outside --min-replicas {lo} .. --max-replicas {hi}")
         serve_ray(RayConfig(model=model_path, out=out.resolve(), host=host, port=port, api_key=api_key,
                             queue_size=queue_size, queue_timeout_s=queue_timeout,
-                            max_upload_bytes=parse_size(max_upload, "--max-upload"), gpu_memory=gpu_memory, device=device,
+                            max_upload_bytes=upload, gpu_memory=gpu_memory, device=device,
                             dtype=dtype, variant=variant, replicas=replicas, min_replicas=lo, max_replicas=hi,
                             address=ray_address),
                   log=lambda s: click.echo(s, err=True))
@@ -66,6 +67,6 @@ def serve_cmd(model_path, variant, gpu_memory, host, port, api_key, queue_size, 
     from lance_deploy.serve.server import ServeConfig, serve
 
     serve(ServeConfig(model=model_path, out=out, host=host, port=port, api_key=api_key, queue_size=queue_size,
-                      queue_timeout_s=queue_timeout, max_upload_bytes=parse_size(max_upload, "--max-upload"), gpu_memory=gpu_memory,
+                      queue_timeout_s=queue_timeout, max_upload_bytes=upload, gpu_memory=gpu_memory,
                       device=device, dtype=dtype, variant=variant, ui=not no_ui),
           log=lambda s: click.echo(s, err=True))

@@ -176,7 +176,8 @@ def video_job(m, img=None, vid=None, fps=None):
         raise HTTPError(400, f"size {m.size!r}: {task} takes its size from the input; use auto", param="size")
     if task == "video_edit" and (m.frames is not None or m.seconds is not None):
         raise HTTPError(400, "video_edit takes its frames from the input video; drop frames/seconds", param="frames")
-    extra = "image" if task != "i2v" and img is not None else "video" if task != "video_edit" and vid is not None else None
+    extra = ("image" if task != "i2v" and img is not None else
+             "video" if task != "video_edit" and vid is not None else None)
     if extra:
         raise HTTPError(400, f"{task} takes no input {extra} (i2v takes an image, video_edit a video)", param=extra)
     frames = m.frames

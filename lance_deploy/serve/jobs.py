@@ -98,6 +98,8 @@ class Job:
 
         with self._lock:
             past = [e for e in self._events if e.seq > after]
+            if not past and self.status in TERMINAL:
+                return  # the reader has seen the end already (Last-Event-ID of the last event)
             if not (past and past[-1].terminal):
                 self._listeners.append(notify)
         try:

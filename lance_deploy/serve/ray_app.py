@@ -119,10 +119,9 @@ class RayScheduler:
     """The scheduler interface of `serve.app` over the model replicas."""
 
     def __init__(self, handle, config: RayConfig):
+        from lance_deploy.core.tasks import TASKS
         from lance_deploy.serve.engine import IMAGE_TASKS, model_variant
         from lance_deploy.serve.store import ResultStore
-
-        from lance_deploy.core.tasks import TASKS
 
         self.handle, self.config = handle, config
         self.variant = model_variant(Path(config.model).expanduser(), config.variant)[1]

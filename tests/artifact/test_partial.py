@@ -34,9 +34,15 @@ def test_ownership_is_proved_by_the_manifest(tmp_path):
     out, partial = tmp_path / "art", tmp_path / "art.partial"
     owner = {"source": {"f": 1}, "recipe": {"name": "r"}, "created": "t0"}
     _artifact(partial)
-    with pytest.raises(ArtifactError, match="a complete artifact .recipe 'r', created t0. whose final rename"):
-        clear_partial(partial, out, {**owner, "created": "t1"})  # another job (its own start time)
+    with pytest.raises(ArtifactError, match="a complete artifact .recipe 'r', created t0. whose final rename never "
+                                            "happened, made from another source or recipe than this run's"):
+        clear_partial(partial, out, {**owner, "source": {"f": 2}})
+    assert (partial / "manifest.json").is_file()  # refused, and left as it was
     assert "this job's finished artifact" in clear_partial(partial, out, owner)
+    assert not partial.exists()
+    _artifact(partial)  # its job folder is gone: a rebuild of the same source and recipe gives the same weights
+    assert "an earlier job's (same source and recipe, created t0) finished artifact" in clear_partial(
+        partial, out, {**owner, "created": "t1"})
     assert not partial.exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -60,8 +61,8 @@ def test_two_concurrent_quantize_runs_on_one_out(tmp_path):
 
 def test_partial_left_in_the_seal_window(tmp_path):
     """A sealed manifest in OUT.partial without the marker is exactly what a kill between the marker's
-    removal and the final rename leaves. With its own job folder it resumes; without, it is refused
-    saying what it is; a folder lance-deploy never made is refused as such."""
+    removal and the final rename leaves. With its own job folder it resumes; without, the same source
+    and recipe rebuild the same weights; a folder lance-deploy never made is refused as such."""
     out, partial = tmp_path / "art", tmp_path / "art.partial"
     runner = CliRunner()
     assert runner.invoke(cli, _args(out)).exit_code == 0
@@ -72,10 +73,16 @@ def test_partial_left_in_the_seal_window(tmp_path):
     assert "2 layers resumed" in res.stdout and not partial.exists()
 
     os.replace(out, partial)
+    shards = {p.name: p.read_bytes() for p in (partial / "weights").iterdir()}
     shutil.rmtree(tmp_path / "art.job")  # without its job, the same source and recipe rebuild the same bytes
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["created"] = "2000-01-01T00:00:00+00:00"  # an earlier job, whatever second this one starts in
+    (partial / "manifest.json").write_text(json.dumps(manifest))
     res = runner.invoke(cli, _args(out))
     assert res.exit_code == 0, res.output
-    assert "killed before its final rename" in res.stderr and not partial.exists()
+    assert (f"note: {partial}: an earlier job's (same source and recipe, created 2000-01-01T00:00:00+00:00) "
+            "finished artifact, killed before its final rename; rebuilt to the same weights") in res.stderr
+    assert not partial.exists() and {p.name: p.read_bytes() for p in (out / "weights").iterdir()} == shards
 
     shutil.rmtree(out)
     partial.mkdir()

@@ -129,6 +129,10 @@ def test_video_job_events_and_results(client):
     # a late reader replays the log from any point (Last-Event-ID)
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": events[-2]["id"]}) as s:
         assert [e["event"] for e in _sse(s.iter_lines())] == ["succeeded"]
+    # ... and one that has seen the end gets an empty stream, not a hang
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": events[-1]["id"]},
+                       timeout=10) as s:
+        assert _sse(s.iter_lines()) == []
 
 
 def test_i2v_and_video_edit_jobs(client, tmp_path):

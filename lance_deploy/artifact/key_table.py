@@ -11,7 +11,12 @@ from __future__ import annotations
 from lance_deploy.artifact.manifest import ArtifactError, ArtifactManifest
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.checkpoint.make_vae import derived_vae_shapes
-from lance_deploy.checkpoint.names import component_of, expected_llm_shapes, expected_vit_shapes, key_mismatches
+from lance_deploy.checkpoint.names import (
+    component_of,
+    expected_llm_shapes,
+    expected_vit_shapes,
+    key_mismatches,
+)
 from lance_deploy.checkpoint.vae_keys import PARTS, vae_dims
 from lance_deploy.config import LLMConfig
 from lance_deploy.core.errors import CheckpointError

@@ -28,11 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from lance_deploy.artifact.manifest_rules import PLAIN_FIELD, check_records
 from lance_deploy.checkpoint import canonical as cn
 from lance_deploy.checkpoint.safetensors_io import itemsize
 from lance_deploy.core import jsonio
 from lance_deploy.core.errors import CheckpointError, LanceUsageError
-from lance_deploy.core.schema import SchemaError, expect, expect_int, expect_ints, fail, one_of, show
+from lance_deploy.core.schema import (
+    SchemaError,
+    expect,
+    expect_int,
+    expect_ints,
+    fail,
+    one_of,
+    show,
+)
 from lance_deploy.formats import TENSOR_FIELDS
 
 SCHEMA_VERSION = 2
@@ -40,7 +49,6 @@ SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PRODUCER = "lance-deploy"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # the release's is ~1 MB
-PLAIN_FIELD = "tensor"
 FIELD_ORDER = TENSOR_FIELDS + (PLAIN_FIELD,)
 SHARD_DIR = "weights"
 GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
@@ -224,8 +232,6 @@ class ArtifactManifest:
             d["tensors"] = [_tensor(t, f"{where}: tensors[{i}]")
                             for i, t in enumerate(expect(d["tensors"], (list,), f"{where}: tensors", "a list"))]
             manifest = cls(**d)
-            from lance_deploy.artifact.manifest_rules import check_records  # it imports this module
-
             check_records(manifest, where)
         except SchemaError as e:
             raise ArtifactError(str(e)) from None

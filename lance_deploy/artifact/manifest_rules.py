@@ -6,13 +6,19 @@ no overlapping fields) and each tensor with its format's field table (``formats.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from lance_deploy import formats
-from lance_deploy.artifact.manifest import PLAIN_FIELD, ArtifactManifest, TensorRecord
 from lance_deploy.checkpoint.safetensors_io import dtype_tag
 from lance_deploy.core.schema import fail
 from lance_deploy.formats import FormatError, FormatSpec
+
+if TYPE_CHECKING:  # the records come from manifest.py, which calls these checks
+    from lance_deploy.artifact.manifest import ArtifactManifest, TensorRecord
+
+PLAIN_FIELD = "tensor"  # the one field of a tensor stored as it is (not packed)
 
 
 def _unique(names: list[str], what: str, where: str) -> None:

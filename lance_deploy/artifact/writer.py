@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import re
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field

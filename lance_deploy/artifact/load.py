@@ -64,7 +64,9 @@ def _install_qlinears(module: nn.Module, reader: ArtifactReader, to_canonical, d
         bias = reader.read(to_canonical(f"{path}.bias"), device).to(dtype) if linear.bias is not None else None
         parent_path, _, attr = path.rpartition(".")
         parent = module.get_submodule(parent_path) if parent_path else module
-        setattr(parent, attr, QLinear(packed, bias))
+        q = QLinear(packed, bias)
+        q.act_amax = reader.record(canonical).activation_amax  # static Q/DQ scales (export --target tensorrt)
+        setattr(parent, attr, q)
         covered.update({f"{path}.weight", f"{path}.bias"})
     return covered
 

@@ -83,15 +83,16 @@ def check_relpath(rel: Any, where: str) -> str:
     return rel
 
 
-def _strict(cls, d: Any, where: str) -> dict:
-    """``d`` as a dict with exactly the fields of ``cls``: what the writer writes, nothing else."""
+def _strict(cls, d: Any, where: str, optional: tuple[str, ...] = ()) -> dict:
+    """``d`` as a dict with exactly the fields of ``cls``: what the writer writes, nothing else
+    (``optional`` fields are written only when set)."""
     if not isinstance(d, Mapping):
         raise fail(where, f"expected an object, got {type(d).__name__}")
     allowed = [f.name for f in dataclasses.fields(cls)]
     extra = [k for k in d if k not in allowed]
     if extra:
         raise fail(where, f"unknown field {show(extra[0])}; allowed: {', '.join(allowed)}")
-    missing = [k for k in allowed if k not in d]
+    missing = [k for k in allowed if k not in d and k not in optional]
     if missing:
         raise fail(where, f"missing field {missing[0]!r}")
     return dict(d)
@@ -136,7 +137,9 @@ class FieldRecord:
 @dataclass(frozen=True)
 class TensorRecord:
     """One tensor. ``spec`` is a ``FormatSpec.to_dict()`` for packed weights (fields qdata, scale,
-    zero_point, smooth) and None for plain tensors (one field, 'tensor')."""
+    zero_point, smooth) and None for plain tensors (one field, 'tensor'). ``activation_amax``: a
+    W8A8 weight's calibrated per-tensor input amax, the static Q/DQ scale of ``export --target
+    tensorrt`` (written only when recorded; artifacts from before it simply lack it)."""
 
     name: str
     release_name: str
@@ -147,11 +150,15 @@ class TensorRecord:
     shape: tuple[int, ...]
     fields: dict[str, FieldRecord]
     sha256: str
+    activation_amax: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "release_name": self.release_name, "group": self.group, "shard": self.shard,
-                "format": self.format, "spec": self.spec, "shape": list(self.shape),
-                "fields": {k: f.to_dict() for k, f in self.fields.items()}, "sha256": self.sha256}
+        d = {"name": self.name, "release_name": self.release_name, "group": self.group, "shard": self.shard,
+             "format": self.format, "spec": self.spec, "shape": list(self.shape),
+             "fields": {k: f.to_dict() for k, f in self.fields.items()}, "sha256": self.sha256}
+        if self.activation_amax is not None:
+            d["activation_amax"] = self.activation_amax
+        return d
 
     @property
     def nbytes(self) -> int:
@@ -300,7 +307,7 @@ def _field(name: str, fld: str, d: Any, where: str) -> FieldRecord:
 
 
 def _tensor(d: Any, where: str) -> TensorRecord:
-    d = _strict(TensorRecord, d, where)
+    d = _strict(TensorRecord, d, where, optional=("activation_amax",))
     name = _str(d["name"], f"{where}.name")
     try:
         release = cn.to_release(name)
@@ -321,4 +328,11 @@ def _tensor(d: Any, where: str) -> TensorRecord:
         one_of(k, FIELD_ORDER, f"{where}.fields.{k}")
     d["fields"] = {k: _field(name, k, f, f"{where}.fields.{k}") for k, f in flds.items()}
     _hex(d["sha256"], f"{where}.sha256")
+    if "activation_amax" in d:
+        amax = d["activation_amax"]
+        if type(amax) not in (int, float) or not 0 <= amax < float("inf"):
+            raise fail(f"{where}.activation_amax", f"expected a finite amax >= 0, got {show(amax)}")
+        if not (d["spec"] or {}).get("activations"):
+            raise fail(f"{where}.activation_amax", "only a W8A8 weight (spec.activations set) records one")
+        d["activation_amax"] = float(amax)
     return TensorRecord(**d)

@@ -172,6 +172,7 @@ class ArtifactWriter:
         self._open: dict[str, _Shard] = {}
         self._closed: dict[str, GroupRecord] = {}
         self._records: dict[str, TensorRecord] = {}
+        self._amax: dict[str, float] = {}  # W8A8 weight -> calibrated input amax (static Q/DQ scales)
 
     def _shard(self, name: str, group: str | None) -> _Shard:
         g, expert, layers = group_of(name, self.layers_per_group, self.num_layers)
@@ -209,13 +210,19 @@ class ArtifactWriter:
             self.declare(group, decls)
         return list(by_group)
 
-    def add(self, name: str, value: PackedTensor | torch.Tensor, group: str | None = None) -> None:
-        """Store one tensor (canonical ``name``) in its group (default: ``group_of(name)``)."""
+    def add(self, name: str, value: PackedTensor | torch.Tensor, group: str | None = None,
+            activation_amax: float | None = None) -> None:
+        """Store one tensor (canonical ``name``) in its group (default: ``group_of(name)``);
+        ``activation_amax``: a W8A8 weight's calibrated per-tensor input amax (recorded in its record)."""
         if name in self._records or any(name in s.meta for s in self._open.values()):
             raise ArtifactError(f"{name}: added twice")
         cn.to_release(name)  # refuses non-canonical names early
         shard = self._shard(name, group)
         spec, shape, tensors = _split(name, value)
+        if activation_amax is not None:
+            if spec is None or spec.activations is None:
+                raise ArtifactError(f"{name}: activation_amax is only recorded for W8A8 weights")
+            self._amax[name] = float(activation_amax)
         got = TensorDecl(name, spec, shape, tuple((f, dtype_tag(t.dtype), tuple(t.shape)) for f, t in tensors.items()))
         if shard.writer is not None:
             decl = shard.decls.get(name)
@@ -267,7 +274,7 @@ class ArtifactWriter:
             fmt = spec.name if spec is not None else flds[PLAIN_FIELD].dtype.lower()  # plain: 'bf16', 'f32'
             self._records[name] = TensorRecord(name, cn.to_release(name), shard.group, shard.rel, fmt,
                                                None if spec is None else spec.to_dict(), shape, flds,
-                                               shard.hashes[name])
+                                               shard.hashes[name], self._amax.get(name))
         start = min(i.offset for i in infos.values())
         end = max(i.offset + i.nbytes for i in infos.values())
         return GroupRecord(shard.group, shard.expert, shard.layers, shard.rel, start, end - start)

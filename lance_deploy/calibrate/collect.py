@@ -6,6 +6,8 @@ prompts into images (videos) that then serve as edit sources and understanding i
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +15,8 @@ import numpy as np
 from lance_deploy.calibrate.config import CalibrationConfig
 from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
 from lance_deploy.calibrate.record import Program, recording
+from lance_deploy.core.progress import bar
+from lance_deploy.core.tasks import UNDERSTANDING_TASKS
 from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import OUTPUT_FRAME_TASKS, VIDEO_TASKS, TaskRequest
@@ -72,8 +76,41 @@ def _request(task: str, entry: dict, i: int, s: CollectSettings, media: _Media, 
     return req
 
 
-def collect_programs(model_path, s: CollectSettings, *, device="cpu", dtype="float32", progress=False) -> list[Program]:
-    """Record one program per (task, prompt); returns them in task order."""
+@dataclass(frozen=True)
+class Probe:
+    """The first run of each task, timed: what a time estimate of the whole collection scales."""
+
+    seconds: dict[str, float]  # task -> seconds of its first run (media it needed included)
+    programs: list[Program]  # those runs' programs, one per task, in task order
+
+
+class _Recorded(Exception):
+    """Raised from `on_step` once the last kept denoising step has run: the rest of the run (the
+    later steps and the VAE decode) records nothing."""
+
+
+def _record(pipe: LancePipeline, req: TaskRequest, s: CollectSettings, keep: set[int]) -> Program:
+    stop_after = max(keep, default=-1) + 1 if req.task not in UNDERSTANDING_TASKS else None
+
+    def on_step(done: int, total: int) -> None:
+        if done == stop_after:
+            raise _Recorded
+
+    with recording(pipe.c.lm, req.task, keep_step=lambda k: k in keep,
+                   keep_cache=lambda c: c == 0 or "uncond" in s.cfg_branches) as program:
+        try:
+            pipe(req, progress=False, on_step=None if stop_after is None else on_step)
+        except _Recorded:
+            pass
+    return program
+
+
+def collect_programs(model_path, s: CollectSettings, *, device="cpu", dtype="float32", progress=False,
+                     on_probe: Callable[[Probe], None] | None = None) -> list[Program]:
+    """Record one program per (task, prompt); returns them in task order.
+
+    The first prompt of every task runs first; `on_probe` then gets their timings (for an
+    estimate of the rest) before the other runs start."""
     media_tasks = {"t2i"} if any(t in ("i2v", "image_edit", "x2t_image") for t in s.tasks) else set()
     media_tasks |= {"t2v"} if any(t in ("video_edit", "x2t_video") for t in s.tasks) else set()
     pipe = LancePipeline.from_path(model_path, tuple(s.tasks) + tuple(sorted(media_tasks)), device=device,
@@ -84,23 +121,26 @@ def collect_programs(model_path, s: CollectSettings, *, device="cpu", dtype="flo
 
     media = _Media(loader, s)
     keep = set(range(s.steps)) if s.keep_steps is None else set(s.keep_steps)
-    from tqdm import tqdm
+    entries = {t: select(load_prompt_set(t, s.prompts_root), s.samples_per_task, s.seed) for t in s.tasks}
+    first = [(t, 0) for t in s.tasks if entries[t]]
+    order = first + [(t, i) for t in s.tasks for i in range(1, len(entries[t]))]
+    programs: dict[tuple[str, int], Program] = {}
+    seconds: dict[str, float] = {}
+    with bar(len(order), "calibration runs", unit="run", enabled=progress) as b:
+        for n, (task, i) in enumerate(order):
+            start = time.perf_counter()
+            programs[task, i] = _record(pipe, _request(task, entries[task][i], i, s, media, progress=False), s, keep)
+            if i == 0:
+                seconds[task] = time.perf_counter() - start
+            if b is not None:
+                b.update(1)
+            if on_probe is not None and n + 1 == len(first) < len(order):
+                on_probe(Probe(dict(seconds), [programs[k] for k in first]))
+    return [programs[t, i] for t in s.tasks for i in range(len(entries[t]))]
 
-    programs = []
-    with tqdm(total=len(s.tasks) * s.samples_per_task, desc="calibration runs", unit="run",
-              disable=not progress) as bar:
-        for task in s.tasks:
-            for i, entry in enumerate(select(load_prompt_set(task, s.prompts_root), s.samples_per_task, s.seed)):
-                req = _request(task, entry, i, s, media, progress=False)
-                with recording(pipe.c.lm, task, keep_step=lambda k: k in keep,
-                               keep_cache=lambda c: c == 0 or "uncond" in s.cfg_branches) as program:
-                    pipe(req, progress=False)
-                programs.append(program)
-                bar.update(1)
-    return programs
 
-
-def collect_calibration(layout, c: CalibrationConfig, device, progress: bool) -> list[Program]:
+def collect_calibration(layout, c: CalibrationConfig, device, progress: bool,
+                        on_probe: Callable[[Probe], None] | None = None) -> list[Program]:
     """Record the programs of a recipe's calibration config `c` for the model of `layout` (a
     ReleaseLayout; video tasks only on the video variant)."""
     tasks = tuple(t for t in c.tasks if layout.variant == "video" or t not in VIDEO_TASKS)
@@ -108,4 +148,5 @@ def collect_calibration(layout, c: CalibrationConfig, device, progress: bool) ->
                                keep_steps=tuple(c.step_indices()), cfg_branches=tuple(c.cfg_branches),
                                height=c.height, width=c.width, frames=c.frames, seed=c.seed,
                                prompts_root=c.prompts_dir)
-    return collect_programs(layout.model_dir, settings, device=device, dtype="float32", progress=progress)
+    return collect_programs(layout.model_dir, settings, device=device, dtype="float32", progress=progress,
+                            on_probe=on_probe)

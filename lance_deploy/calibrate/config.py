@@ -15,6 +15,7 @@ from lance_deploy.core.tasks import TASKS
 
 CALIBRATION_TASKS = TASKS
 CFG_BRANCHES = ("cond", "uncond")
+AMAX_METHODS = ("max", "percentile")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class CalibrationConfig:
     timesteps:        'all' | [step indices] | {stratified: N}.
     cfg_branches:     non-empty subset of ('cond', 'uncond').
     height/width/frames: size of the reference generations (frames for video tasks).
+    activation_amax:  how a W8A8 Linear's static per-tensor activation amax is taken from the
+                      recorded inputs: 'max' or 'percentile' (of |x|, ``amax_percentile``), as
+                      ModelOpt's max / histogram-percentile calibrators (``quant/act_amax.py``).
     """
 
     tasks: tuple[str, ...] = ("t2i",)
@@ -51,6 +55,12 @@ class CalibrationConfig:
     height: int = 256
     width: int = 256
     frames: int = 9
+    activation_amax: str = "max"
+    amax_percentile: float = 99.99
+
+    @property
+    def amax_choice(self) -> tuple[str, float]:
+        return self.activation_amax, float(self.amax_percentile)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -75,6 +85,10 @@ class CalibrationConfig:
         for b in self.cfg_branches:
             one_of(b, CFG_BRANCHES, f"{where}.cfg_branches")
         expect(self.prompts_dir, (str,), f"{where}.prompts_dir", "a folder path")
+        one_of(self.activation_amax, AMAX_METHODS, f"{where}.activation_amax")
+        p = expect(self.amax_percentile, (int, float), f"{where}.amax_percentile", "a number")
+        if not 50 < p <= 100:
+            raise fail(f"{where}.amax_percentile", f"must be in (50, 100], got {p}")
         self._validate_timesteps(f"{where}.timesteps")
 
     def _validate_timesteps(self, where: str) -> None:
@@ -115,7 +129,8 @@ class CalibrationConfig:
             ts_out = {"stratified": ts.count}
         return {"tasks": list(self.tasks), "samples_per_task": self.samples_per_task, "steps": self.steps,
                 "timesteps": ts_out, "cfg_branches": list(self.cfg_branches), "prompts_dir": self.prompts_dir,
-                "seed": self.seed, "height": self.height, "width": self.width, "frames": self.frames}
+                "seed": self.seed, "height": self.height, "width": self.width, "frames": self.frames,
+                "activation_amax": self.activation_amax, "amax_percentile": self.amax_percentile}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "calibration") -> CalibrationConfig:

@@ -12,6 +12,7 @@ from torch import nn
 
 from lance_deploy.calibrate.record import Program
 from lance_deploy.config import LLMConfig
+from lance_deploy.core.progress import bar
 from lance_deploy.model.attention import KVCache
 from lance_deploy.model.mot import MoTLayer, Routing
 from lance_deploy.model.rope import mrope_cos_sin
@@ -24,22 +25,36 @@ def _cos_sin(cfg: LLMConfig, pos: torch.Tensor, device) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def run_layer(
-    layer: MoTLayer, cfg: LLMConfig, programs: list[Program], inputs: list[list[torch.Tensor]], device
+    layer: MoTLayer, cfg: LLMConfig, programs: list[Program], inputs: list[list[torch.Tensor]], device,
+    desc: str = "replay",
 ) -> list[list[torch.Tensor]]:
-    """Outputs of `layer` for every call of every program, given that layer's inputs."""
+    """Outputs of `layer` for every call of every program, given that layer's inputs (`desc` names
+    the pass on its progress bar)."""
     outputs = []
     dtype = next(layer.parameters()).dtype if any(True for _ in layer.parameters()) else torch.float32
-    for program, xs in zip(programs, inputs):
-        caches: dict[int, KVCache] = {}
-        outs = []
-        for call, x in zip(program.calls, xs):
-            cache = caches.setdefault(call.cache, KVCache(cfg.num_hidden_layers))
-            routing = Routing.of(x.shape[0], call.gen_rows, device)
-            h = layer(x.to(device, dtype), _cos_sin(cfg, call.pos, device), routing, cache, call.causal,
-                      call.update_cache)
-            outs.append(h.cpu())
-        outputs.append(outs)
+    # shown only under a command's progress mode, and only once a replay lasts over REPLAY_DELAY_S
+    with bar(len(programs), f"{desc} layer {layer_index(layer)}", unit="program", enabled=None,
+             delay=REPLAY_DELAY_S) as b:
+        for program, xs in zip(programs, inputs):
+            caches: dict[int, KVCache] = {}
+            outs = []
+            for call, x in zip(program.calls, xs):
+                cache = caches.setdefault(call.cache, KVCache(cfg.num_hidden_layers))
+                routing = Routing.of(x.shape[0], call.gen_rows, device)
+                h = layer(x.to(device, dtype), _cos_sin(cfg, call.pos, device), routing, cache, call.causal,
+                          call.update_cache)
+                outs.append(h.cpu())
+            outputs.append(outs)
+            if b is not None:
+                b.update(1)
     return outputs
+
+
+REPLAY_DELAY_S = 2.0
+
+
+def layer_index(layer: MoTLayer) -> int | str:
+    return getattr(layer.self_attn, "layer", "?")
 
 
 def observe(layer: MoTLayer, stats_for) -> list:

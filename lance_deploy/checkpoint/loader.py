@@ -22,6 +22,7 @@ from lance_deploy.checkpoint.pages import drop_file_pages
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.config import LLMConfig
 from lance_deploy.core.errors import CheckpointError
+from lance_deploy.core.progress import advance
 from lance_deploy.model.meta import build_on_meta
 from lance_deploy.model.mot import MoTLayer
 from lance_deploy.model.tree import layer_prefix
@@ -117,6 +118,7 @@ def load_into(module: nn.Module, source: Source, *, dtype: torch.dtype | None,
             skipped.append(n)
             continue
         _install(module, n, _fetch(source, prefix + n, dtype, device))
+        advance()  # a `load` progress bar, when a command opened one
     return skipped
 
 

@@ -9,6 +9,7 @@ boundary, tensor bytes back to back) and opens with ``safetensors.safe_open``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -64,6 +65,9 @@ class SafetensorsWriter:
         self._data_start = 8 + len(raw)
         self.total_bytes = self._data_start + pos
         self._written: set[str] = set()
+        # sha256 of the file while it is written in order, so a caller need not read it back
+        self._hash: hashlib._Hash | None = hashlib.sha256(len(raw).to_bytes(8, "little") + raw)
+        self._hashed = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -92,9 +96,21 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path}: tensor {name!r} is {dtype_tag(tensor.dtype)}{list(tensor.shape)}, "
                                   f"declared {tag}{list(shape)}")
         if nbytes:
-            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._pwrite(flat.numpy(), self._data_start + pos)
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._pwrite(flat, self._data_start + pos)
+            if self._hash is not None and pos == self._hashed:
+                self._hash.update(flat)
+                self._hashed += nbytes
+            else:
+                self._hash = None  # out of order: no digest
         self._written.add(name)
+
+    @property
+    def sha256(self) -> str | None:
+        """Hex sha256 of the whole file once every tensor was written in declared order, else None."""
+        if self._hash is None or self.pending or self._hashed != self.total_bytes - self._data_start:
+            return None
+        return self._hash.hexdigest()
 
     @property
     def pending(self) -> list[str]:

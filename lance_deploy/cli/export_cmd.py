@@ -51,6 +51,9 @@ Examples:
   lance-deploy export onnx --model ckpt --part gen-layer --part vae-decoder --preset image_768res \\
       --out exported/onnx-768
   lance-deploy export onnx --model ckpt --part und-layer --layers 0-3 --preset image_256res --out exported/und --json
+  lance-deploy export onnx --model exported/int8-ampere --part gen-layer --preset image_512res --out exported/q-trt
+  lance-deploy export onnx --model exported/int8-ampere --part gen-layer --preset image_512res --target onnxruntime \
+      --out exported/q-ort
 """)
 @click.option("--model", "model", required=True, type=click.Path(path_type=Path),
               help="Download folder or model folder (Lance_3B / Lance_3B_Video).")
@@ -62,18 +65,27 @@ Examples:
 @click.option("--aspect", default="1:1", show_default=True, help="Aspect bucket of the static ViT grid.")
 @click.option("--layers", help="Layer indices for gen-layer/und-layer, e.g. 0,3,5-7 (default: all).")
 @click.option("--vae-tile", help="VAE tile in latent cells, N or HxW (default: the aspect bucket, at most 32).")
-@click.option("--exporter", default="torchscript", show_default=True, help="torchscript or dynamo (needs onnxscript).")
+@click.option("--target", default="tensorrt", show_default=True,
+              help="tensorrt: what build-engine takes (W8A8 with the artifact's calibrated static per-tensor "
+                   "activation scales, zero points 0, opset 20; 21 only for int4 weights); onnxruntime: dynamic "
+                   "per-token W8A8 scales, opset 21.")
+@click.option("--exporter", default="auto", show_default=True,
+              help="auto: torch's dynamo exporter (needs onnxscript) for gen-layer, und-layer and vit; the deprecated "
+                   "TorchScript exporter where dynamo cannot yet: the VAE chunk graphs (dynamo fails tracing their "
+                   "caches) and every Q/DQ graph of a quantized artifact (our Q/DQ lowering is a TorchScript "
+                   "symbolic). dynamo or torchscript force one (dynamo is refused for Q/DQ graphs).")
 @click.option("--vit", type=click.Path(path_type=Path), help="Qwen2.5-VL-ViT folder (default: beside the model).")
 @click.option("--vae", type=click.Path(path_type=Path), help="Wan2.2_VAE.pth (default: beside the model).")
 @click.option("--force", is_flag=True, help="Replace an existing, different export in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export_onnx_cmd(model, parts, preset, out, aspect, layers, vae_tile, exporter, vit, vae, force, as_json) -> None:
+def export_onnx_cmd(model, parts, preset, out, aspect, layers, vae_tile, target, exporter, vit, vae, force,
+                    as_json) -> None:
     """Export graphs of PARTs at a resolution PRESET into an export folder (manifest.json + graphs/)."""
     from lance_deploy.export.onnx_export import ExportRequest, export_onnx
 
     req = ExportRequest(model=model, parts=tuple(parts), preset=preset, out=out, aspect=aspect,
-                        layers=_layers(layers), vae_tile=_tile(vae_tile), exporter=exporter, force=force,
-                        vit=vit, vae=vae)
+                        layers=_layers(layers), vae_tile=_tile(vae_tile), exporter=exporter, target=target,
+                        force=force, vit=vit, vae=vae)
     manifest = export_onnx(req, log=_log(as_json))
     if as_json:
         echo_json(dict(manifest.to_dict(), out=str(out)))
@@ -81,14 +93,21 @@ def export_onnx_cmd(model, parts, preset, out, aspect, layers, vae_tile, exporte
     click.echo(f"wrote {out} ({len(manifest.parts)} graphs: {', '.join(e.name for e in manifest.parts)})")
 
 
-@click.command("verify", cls=LanceCommand)
+@click.command("verify", cls=LanceCommand, epilog="""\b
+Examples:
+  lance-deploy verify exported/onnx-768
+  lance-deploy verify exported/q-trt --model exported/int8-ampere --json
+""")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), help="The checkpoint, if it moved since the export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-graph results as JSON.")
 def verify_cmd(folder: Path, model: Path | None, as_json: bool) -> None:
     """Run every graph of FOLDER in onnxruntime against PyTorch; errors go into its manifest.json.
 
-    Exits 1 if any float32 graph has a relative L2 error above 1e-4.
+    Also lints every graph against what TensorRT 10's ONNX parser documents (operators, opset,
+    constant positive Q/DQ scales, zero points 0, int4 weight-only, no nf4, profiles for every
+    dynamic axis). Exits 1 if any graph has a relative L2 error above 1e-4, or, for a
+    --target tensorrt export, fails the lint.
     """
     from lance_deploy.export.verify import FP32_REL_TOL, verify_export
 
@@ -100,13 +119,23 @@ def verify_cmd(folder: Path, model: Path | None, as_json: bool) -> None:
         for e in result.manifest.parts:
             v = e.verification
             worst = max(o["rel_l2"] for o in v["outputs"].values())
-            click.echo(f"{e.name:24s} {'ok  ' if v['passed'] else 'FAIL'} rel-L2 {worst:.2e}  ({v['provider']})")
+            lint = v["tensorrt_lint"]
+            bad = [f for f in lint["findings"] if f["severity"] == "error"]
+            click.echo(f"{e.name:24s} {'ok  ' if v['passed'] else 'FAIL'} rel-L2 {worst:.2e}  ({v['provider']})  "
+                       f"TensorRT lint {'ok' if not bad else f'{len(bad)} problem(s)'}"
+                       f"{'' if lint['enforced'] or not bad else ' (not enforced: onnxruntime target)'}")
+            for f in bad[:3]:
+                click.echo(f"    node {f['node']} ({f['op']}): {f['problem']}; {f['fix']}")
     if result.failed:
-        raise LanceError(f"{len(result.failed)} graph(s) exceed rel-L2 {FP32_REL_TOL:g}: {', '.join(result.failed)} "
-                         f"(details in {folder / 'manifest.json'})")
+        raise LanceError(f"{len(result.failed)} graph(s) exceed rel-L2 {FP32_REL_TOL:g} or fail the TensorRT lint: "
+                         f"{', '.join(result.failed)} (details in {folder / 'manifest.json'})")
 
 
-@click.command("build-engine", cls=LanceCommand)
+@click.command("build-engine", cls=LanceCommand, epilog="""\b
+Examples:
+  lance-deploy build-engine exported/q-trt --precision int8
+  lance-deploy build-engine exported/onnx-768 --precision bf16 --graph vae-decoder.first --timing-cache tc.bin
+""")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--precision", required=True, help="fp16, bf16, fp8 or int8 (fp8/int8 need a Q/DQ graph).")
 @click.option("--workspace-gib", type=float, default=8.0, show_default=True, help="TensorRT workspace pool limit.")
@@ -115,7 +144,11 @@ def verify_cmd(folder: Path, model: Path | None, as_json: bool) -> None:
 @click.option("--weight-streaming", is_flag=True, help="Build streamable engines (strongly typed graphs only).")
 @click.option("--graph", "graphs", multiple=True, help="Only these graphs (e.g. vae-decoder.first); default all.")
 def build_engine_cmd(folder, precision, workspace_gib, tactic_dram_gib, timing_cache, weight_streaming, graphs):
-    """Build TensorRT engines for FOLDER's graphs into FOLDER/engines/<gpu>-sm<XY>/ (on the target GPU)."""
+    """Build TensorRT engines for FOLDER's graphs into FOLDER/engines/<gpu>-sm<XY>/ (on the target GPU).
+
+    Every graph is linted first (as `verify` does); one TensorRT would refuse is named, with what
+    to change, before anything is built.
+    """
     from lance_deploy.export.tensorrt_build import EngineRequest, build_engines
 
     req = EngineRequest(root=folder, precision=precision, workspace_gib=workspace_gib, tactic_dram_gib=tactic_dram_gib,

@@ -9,7 +9,12 @@ from lance_deploy.cli.common import echo_json
 from lance_deploy.core.errors import LanceUsageError
 
 
-@click.command("inspect")
+@click.command("inspect", epilog="""\b
+Examples:
+  lance-deploy inspect ~/models/Lance
+  lance-deploy inspect ~/models/Lance/Lance_3B_Video --json
+  lance-deploy inspect exported/lance-fp8
+""")
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--no-verify", is_flag=True, help="Artifacts: skip the sha256 check of the shards.")
@@ -26,17 +31,15 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, vit: str | None, vae:
     checkpoint's headers only are read, so this is instant even for the 28 GB
     F32 release; an artifact's shards are read once to check every sha256.
     Problems are listed and the exit code is 2.
-
-    \b
-    Examples:
-      lance-deploy inspect ~/models/Lance
-      lance-deploy inspect ~/models/Lance/Lance_3B_Video --json
-      lance-deploy inspect exported/lance-fp8
     """
     from lance_deploy.artifact.load import is_artifact
 
     if is_artifact(path) or path.rstrip("/").endswith(".partial"):  # the reader refuses an unsealed one
-        from lance_deploy.artifact.inspect import format_report, inspect_artifact, report_to_dict
+        from lance_deploy.artifact.inspect import (
+            format_report,
+            inspect_artifact,
+            report_to_dict,
+        )
 
         rep = inspect_artifact(path, verify=not no_verify)
         problems = rep.problems
@@ -45,7 +48,11 @@ def inspect_cmd(path: str, as_json: bool, no_verify: bool, vit: str | None, vae:
         else:
             click.echo(format_report(rep))
     else:
-        from lance_deploy.checkpoint.inspect import format_report, inspect_path, report_to_dict
+        from lance_deploy.checkpoint.inspect import (
+            format_report,
+            inspect_path,
+            report_to_dict,
+        )
 
         reports = inspect_path(path, vit=vit, vae=vae)
         problems = [p for r in reports for p in r.problems]

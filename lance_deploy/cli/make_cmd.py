@@ -5,7 +5,12 @@ from __future__ import annotations
 import click
 
 
-@click.command("make-checkpoint")
+@click.command("make-checkpoint", epilog="""\b
+Examples:
+  lance-deploy make-checkpoint --tiny exported/tiny
+  lance-deploy make-checkpoint --tiny --outliers exported/tiny-outliers
+  lance-deploy make-checkpoint --full --dtype bfloat16 /data/lance-random
+""")
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--tiny", is_flag=True, help="Golden-fixture shapes (hidden 64, 2 layers); ~25 MB.")
 @click.option("--full", is_flag=True,
@@ -28,12 +33,6 @@ def make_cmd(out: str, tiny: bool, full: bool, dtype: str, seed: int, force: boo
     and Wan2.2_VAE.pth, plus a tiny Qwen2-format tokenizer. Tensors are
     generated and written one at a time (RAM ~ one tensor); the folder appears
     only when complete.
-
-    \b
-    Examples:
-      lance-deploy make-checkpoint --tiny exported/tiny
-      lance-deploy make-checkpoint --tiny --outliers exported/tiny-outliers
-      lance-deploy make-checkpoint --full --dtype bfloat16 /data/lance-random
     """
     from lance_deploy.core.errors import LanceUsageError
 

@@ -7,7 +7,11 @@ import click
 from lance_deploy.cli.common import echo_json
 
 
-@click.command("plan")
+@click.command("plan", epilog="""\b
+Examples:
+  lance-deploy plan ~/models/Lance/Lance_3B --recipe budget-12gb
+  lance-deploy plan ~/models/Lance --recipe my-recipe.yaml --json
+""")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--recipe", "-r", "recipe_name", required=True,
               help="A shipped recipe name (fp8-ada-hopper, int8-ampere, budget-16gb, budget-12gb, budget-8gb) "
@@ -27,11 +31,6 @@ def plan_cmd(ckpt: str, recipe_name: str, as_json: bool, variant: str | None, vi
     that matches no tensor is a warning here (and in --json's "warnings"); quantize refuses it
     unless --allow-unmatched.
     Only file headers are read, so this is instant even for the full release.
-
-    \b
-    Examples:
-      lance-deploy plan ~/models/Lance/Lance_3B --recipe budget-12gb
-      lance-deploy plan ~/models/Lance --recipe my-recipe.yaml --json
     """
     from lance_deploy.quant.plan import format_plan, plan_checkpoint, plan_to_dict
     from lance_deploy.quant.recipe import load_recipe

@@ -13,6 +13,7 @@ from __future__ import annotations
 import click
 
 from lance_deploy.cli.common import LanceCommand, echo_json
+from lance_deploy.cli.presets import PRESET_OPTION, apply_plan_preset
 from lance_deploy.core.tasks import TASKS
 from lance_deploy.core.units import format_bytes as fmt_bytes
 from lance_deploy.planning.memory_plan import MemoryPlan
@@ -61,6 +62,7 @@ Examples:
   lance-deploy memory-plan --model ckpt --task t2i --gpu-memory 8GiB
   lance-deploy memory-plan --model ckpt --task t2v --height 480 --width 848 --frames 121 --gpu-memory 16GiB
   lance-deploy memory-plan --model ckpt --task video_edit --frames 69 --gpu-memory 12GiB --weights int8 --json
+  lance-deploy memory-plan --model ckpt --task t2v --frames 121 --preset rtx4090
 """)
 @click.option("--model", "model_path", required=True, type=click.Path(), help="Download folder, model folder or quantized artifact folder.")
 @click.option("--task", required=True, type=click.Choice(TASKS), help="The task to plan.")
@@ -68,29 +70,35 @@ Examples:
 @click.option("--width", type=int, help="Output width (t2i/t2v) or the input's width (media tasks).")
 @click.option("--frames", type=int, help="Output frames (t2v/i2v) or the input clip's frames at 12 fps.")
 @click.option("--gpu-memory", help="Budget, e.g. 16GiB, 12GB, 8000MiB (default: free memory - 1 GiB).")
-@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(tuple(DTYPES)))
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(tuple(DTYPES)),
+              help="Load dtype of the unquantized weights and the activations.")
 @click.option("--cfg", type=float, default=4.0, show_default=True, help="Text CFG scale (<= 1: one KV cache).")
 @click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps.")
 @click.option("--weights", "recipe", type=click.Choice(RECIPES),
               help="Plan with expert Linear weights packed this way (a release; an artifact has its own).")
-@click.option("--vae-tiling", "tiling", default="auto", show_default=True, type=click.Choice(("auto", "on", "off")))
-@click.option("--resolution", "preset", help="Input preset of media tasks (default: the task's).")
+@click.option("--vae-tiling", "tiling", default="auto", show_default=True, type=click.Choice(("auto", "on", "off")),
+              help="Plan the VAE in spatial tiles: auto (above the size the VAE tiles at), on or off.")
+@click.option("--resolution", "resolution", help="Input preset of media tasks (default: the task's).")
 @click.option("--prompt-tokens", type=int, default=256, show_default=True, help="Assumed caption length.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="x2t decode budget.")
 @MARKERS_OPTION
 @click.option("--vit", type=click.Path(), help="Qwen2.5-VL-ViT folder (default: beside the model).")
 @click.option("--vae", type=click.Path(), help="Wan2.2_VAE.pth (default: beside the model).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@PRESET_OPTION
 @click.pass_context
 def memory_plan_cmd(ctx, model_path, task, height, width, frames, gpu_memory, dtype, cfg, steps, recipe, tiling,
-                    preset, prompt_tokens, max_new_tokens, markers, vit, vae, as_json):
+                    resolution, prompt_tokens, max_new_tokens, markers, vit, vae, as_json, gpu_preset):
     """Predict peak GPU memory per phase of TASK and plan what stays resident."""
+    gpu_memory, markers, recipe, chosen = apply_plan_preset(ctx, gpu_preset, model_path, gpu_memory, markers, recipe)
     mp = plan_memory(model_path, task, height, width, frames, gpu_memory, cfg, dtype, tiling, recipe=recipe,
-                     steps=steps, preset=preset, caption_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+                     steps=steps, preset=resolution, caption_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
                      vit=vit, vae=vae, markers=markers)
     if as_json:
-        echo_json(mp.to_dict())
+        echo_json({**mp.to_dict(), **({"preset": chosen} if chosen else {})})
     else:
+        if chosen:
+            click.echo(f"note: {chosen['note']}", err=True)
         click.echo(render(mp))
     if not mp.fits:
         click.echo(f"Error: {mp.suggestion}", err=True)

@@ -8,7 +8,7 @@ import torch
 
 from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.core.fsutil import publish_bytes
-from lance_deploy.core.tasks import VIDEO_OUTPUT_TASKS
+from lance_deploy.media.metadata import sidecar_path, write_output
 from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.tasks import TaskRequest
 
@@ -37,9 +37,10 @@ def build_request(task: str, o: dict) -> TaskRequest:
 
     sampler = SamplerConfig(steps=o["steps"], shift=o["shift"], cfg_scale=o["cfg"])
     req = TaskRequest(
-        task=task, prompt=o.get("prompt"), question=o.get("question"), system=o.get("system"),
+        task=task, prompt=o.get("prompt"), negative_prompt=o.get("negative_prompt"), question=o.get("question"),
+        system=o.get("system"),
         height=o.get("height"), width=o.get("width"), frames=o.get("frames"), sampler=sampler, seed=o["seed"],
-        preset=o.get("preset"), vae_area_side=o.get("vae_area_side"), vit_area_side=o.get("vit_area_side"),
+        preset=o.get("resolution"), vae_area_side=o.get("vae_area_side"), vit_area_side=o.get("vit_area_side"),
         max_new_tokens=o["max_new_tokens"],
     )
     req.validate(media=False)  # a bad number or a missing --prompt never waits for a decode
@@ -59,33 +60,38 @@ def _save_latents(latents, path: Path) -> None:
     publish_bytes(path, data, what="latents")
 
 
-def default_out(task: str, frames: int | None) -> Path:
-    """The output name when --out is not given: an MP4 unless the result is a single frame."""
-    video = task in VIDEO_OUTPUT_TASKS and frames != 1
-    return Path(f"lance-{task}.{'mp4' if video else 'png'}")
+def write_outputs(task: str, result, out, save_latents: Path | None) -> dict:
+    """Write the PNG/MP4 (with its parameters, `media.metadata`) or the x2t text, and return the
+    JSON-able summary. `out` is a path (replaced atomically) or a `cli.out_names.OutTarget`, whose
+    default name is never overwritten: a name taken meanwhile moves on to the next free one."""
+    from lance_deploy.cli.out_names import OutTarget
 
-
-def write_outputs(task: str, result, out: Path | None, save_latents: Path | None) -> dict:
-    """Write the PNG/MP4 (or text) and return the JSON-able summary."""
-    from lance_deploy.media.io import write_image, write_video
-
+    target = out if isinstance(out, OutTarget) else OutTarget(out)
     summary = {"task": task, "timings": {k: round(v, 4) for k, v in result.timings.items()}, "notes": result.notes}
     if hasattr(result, "text"):
         summary.update(text=result.text, token_ids=result.token_ids)
-        if out is not None:
-            publish_bytes(out, (result.text + "\n").encode("utf-8"), what="text")
-            summary["output"] = str(out)
+        if target.path is not None:
+            _exclusive(target, lambda p, ow: publish_bytes(p, (result.text + "\n").encode("utf-8"), what="text",
+                                                            overwrite=ow))
+            summary["output"] = str(target.path)
         return summary
     frames = result.frames
-    is_image = frames.shape[0] == 1
-    out = out or default_out(task, frames.shape[0])
-    if is_image and out.suffix.lower() != ".mp4":
-        write_image(frames[0], out)
-    else:
-        write_video(frames, out, fps=12)
+    video = frames.shape[0] != 1 or target.path.suffix.lower() == ".mp4"
+    _exclusive(target, lambda p, ow: write_output(frames, result.meta, p, video=video, overwrite=ow))
     if save_latents is not None:
         _save_latents(result.latents, save_latents)
         summary["latents"] = str(save_latents)
-    summary.update(output=str(out), frames=int(frames.shape[0]), height=int(frames.shape[1]),
+    summary.update(output=str(target.path), frames=int(frames.shape[0]), height=int(frames.shape[1]),
                    width=int(frames.shape[2]))
+    if video and result.meta:
+        summary["sidecar"] = str(sidecar_path(target.path))
     return summary
+
+
+def _exclusive(target, write) -> None:
+    """`write(path, overwrite)`; a default name (`target.unique`) that got taken moves to the next one."""
+    while True:
+        try:
+            return write(target.path, not target.unique)
+        except FileExistsError:
+            target.next_free()

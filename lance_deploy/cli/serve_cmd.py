@@ -20,7 +20,7 @@ Examples:
 @click.option("--variant", type=click.Choice(("image", "video")), help="Which model of a download folder to serve.")
 @click.option("--gpu-memory", help="Device budget per process, e.g. 12GiB (plans residency as `run` does).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port to listen on.")
 @click.option("--api-key", envvar="LANCE_API_KEY", help="Require Authorization: Bearer KEY (env LANCE_API_KEY).")
 @click.option("--queue-size", type=click.IntRange(1, 10_000), default=8, show_default=True,
               help="Jobs that may wait; beyond it requests get 429 with Retry-After.")

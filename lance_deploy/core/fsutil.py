@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import os
 import re
@@ -27,6 +26,7 @@ def atomic_path(path: str | os.PathLike):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -73,7 +73,7 @@ def check_output_path(path: str | os.PathLike, option: str = "--out") -> Path:
 
 
 def publish(path: str | os.PathLike, write: Callable[[Path], None], *, verify: Callable[[Path], None],
-            what: str = "file", size: int | None = None) -> Path:
+            what: str = "file", size: int | None = None, overwrite: bool = True) -> Path:
     """Write `path` so that a good earlier file is never replaced by a broken one.
 
     `write(tmp)` fills a temporary file beside `path` (same folder, same suffix: ffmpeg picks
@@ -81,7 +81,9 @@ def publish(path: str | os.PathLike, write: Callable[[Path], None], *, verify: C
     `verify(tmp)` reads it back and raises if it is not what was meant, then it is fsynced and
     renamed over `path`. An OSError anywhere (ENOSPC, EIO, EDQUOT, ...) is one LanceUsageError
     naming the path and the bytes it needed; a failed read-back is a LanceError. Either way
-    `path` is left as it was and the temporary file is removed.
+    `path` is left as it was and the temporary file is removed. With `overwrite=False` the file is
+    linked into place instead, so an existing `path` (even one made a moment earlier by another
+    process) is never replaced: FileExistsError, and the caller picks another name.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -109,9 +111,14 @@ def publish(path: str | os.PathLike, write: Callable[[Path], None], *, verify: C
             raise LanceError(f"cannot write {what} {path}: it does not read back ({_first_line(e)})") from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        if overwrite:
+            os.replace(tmp, path)
+            tmp = None
+        else:
+            _link_new(tmp, path)
         _fsync_dir(folder)
+    except FileExistsError:
+        raise
     except OSError as e:
         written = tmp.stat().st_size if tmp is not None and tmp.exists() else 0
         raise _write_error(path, what, e, size if size is not None else written, exact=size is not None) from None
@@ -123,7 +130,7 @@ def publish(path: str | os.PathLike, write: Callable[[Path], None], *, verify: C
 
 
 def publish_bytes(path: str | os.PathLike, data: bytes, *, what: str = "file",
-                  verify: Callable[[Path], None] | None = None) -> Path:
+                  verify: Callable[[Path], None] | None = None, overwrite: bool = True) -> Path:
     """`publish` for content already in memory: exact size known up front, read back byte for byte."""
     def check(tmp: Path) -> None:
         if tmp.read_bytes() != data:
@@ -131,7 +138,23 @@ def publish_bytes(path: str | os.PathLike, data: bytes, *, what: str = "file",
         if verify is not None:
             verify(tmp)
 
-    return publish(path, lambda tmp: tmp.write_bytes(data), verify=check, what=what, size=len(data))
+    return publish(path, lambda tmp: tmp.write_bytes(data), verify=check, what=what, size=len(data),
+                   overwrite=overwrite)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` only if no file has it (a hard link is atomic and refuses an existing
+    name; the caller drops the temporary name). Where links are not supported, check, then rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
 
 
 def _write_error(path: Path, what: str, err: OSError, needed: int, *, exact: bool) -> LanceUsageError:
@@ -160,12 +183,17 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-@functools.lru_cache(maxsize=1)
 def _umask() -> int:
-    """The process umask (read once; os.umask can only be read by setting it)."""
+    """The process umask now (a later os.umask counts). Linux reports it in /proc without changing
+    it; elsewhere it can only be read by setting it, briefly, and back."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,8 +12,9 @@ Prefill stays in PyTorch (its K/V cache is an input of the gen-layer graphs), as
 embeddings, final norms, velocity head, sampler, encoders and the understanding tasks.
 
 Graphs come from an export folder (``--graphs DIR``). Without one, the onnxruntime backend
-exports what it needs on first use into a cache (``$LANCE_EXPORT_CACHE``, else ``exported/
-onnx-cache`` beside the model folder, else the temp dir), reused while the checkpoint's
+exports what it needs on first use into a cache (``$LANCE_EXPORT_CACHE``, else the user cache
+``$XDG_CACHE_HOME/lance-deploy/onnx`` (default ``~/.cache/lance-deploy/onnx``), else the temp dir;
+never inside the checkpoint or its download folder), reused while the checkpoint's
 fingerprint is unchanged. The cached VAE tile covers the whole latent up to `TilingConfig`'s
 auto threshold (then the decode equals the untiled one), and is `TilingConfig().tile` cells
 beyond it. TensorRT needs ``--graphs`` with engines from ``lance-deploy build-engine``.
@@ -35,11 +36,14 @@ AUTO_PRESET = "image_256res"  # sets only the TensorRT profiles of a cached expo
 CACHE_ENV = "LANCE_EXPORT_CACHE"
 
 
-def cache_root(model_dir: Path) -> Path:
-    """The first writable of $LANCE_EXPORT_CACHE, <model>/../exported/onnx-cache, <tmp>/lance-deploy-onnx-cache."""
+def cache_root() -> Path:
+    """The first writable of $LANCE_EXPORT_CACHE, <user cache>/onnx, <tmp>/lance-deploy-onnx-cache
+    (cache entries are named by the model folder's path, so one root serves every checkpoint)."""
+    from lance_deploy.core.cachedir import user_cache_dir
+
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    for folder in (model_dir.parent / "exported" / "onnx-cache", Path(tempfile.gettempdir()) / "lance-deploy-onnx-cache"):
+    for folder in (user_cache_dir("onnx"), Path(tempfile.gettempdir()) / "lance-deploy-onnx-cache"):
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -139,7 +143,7 @@ class OrtBackend(_GraphBackend):
             model_dir = self.source.layout.model_dir.resolve()
             tag = hashlib.sha256(str(model_dir).encode()).hexdigest()[:8]
             name = f"{model_dir.name}-{tag}-{'+'.join(parts)}" + (f"-{tile[0]}x{tile[1]}" if tile else "")
-            out = cache_root(model_dir) / name
+            out = cache_root() / name
             req = ExportRequest(model=model_dir, parts=parts, preset=AUTO_PRESET, out=out, vae_tile=tile,
                                 force=True, vit=self.vit, vae=self.vae)
             identity = export_identity(self.source.fingerprint(), req.identity_fields())

@@ -21,6 +21,8 @@ from lance_deploy.core.optional import require
 from lance_deploy.export.parts import GraphJob
 
 OPSET = 17
+TARGETS = ("tensorrt", "onnxruntime")
+DEFAULT_TARGET = "tensorrt"  # what `build-engine` takes; onnxruntime keeps dynamic per-token W8A8 scales
 GRAPHS_DIR = "graphs"
 EXTERNAL_THRESHOLD = 1024  # bytes: every weight tensor goes to the .data file, small constants stay inline
 

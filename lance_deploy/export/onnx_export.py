@@ -1,13 +1,21 @@
 """`export onnx`: trace the requested parts into an export folder, atomically.
 
-Exporter choice (measured on torch 2.13, see tests/export/test_export_onnx.py):
+Exporter choice (``--exporter``, measured on torch 2.13 with the golden tiny checkpoint):
 
-* ``torchscript`` (default, ``dynamo=False``): 0.3-0.5 s per layer graph, keeps the declared
-  dynamic axes (n, Lc) dynamic, needs no extra package. It is deprecated upstream, so
-* ``dynamo`` is available too (needs ``onnxscript``): ~10x slower to export and it cannot
-  down-convert to opset 17 (it emits 18), but also keeps the axes dynamic for these wrappers,
-  because they avoid the two things that make it specialise: SDPA's ``enable_gqa`` and masks
-  built from Python ints (anchors §5, pytorch#152018).
+* ``auto`` (default): the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, needs
+  ``onnxscript``) for the parts where its graphs verify: gen-layer, und-layer and vit (rel-L2
+  2-6e-7 against PyTorch, the dynamic axes n / Lc kept dynamic, opset 18; it has no lowering
+  below 18, and 18 is within TensorRT's 9-20). TorchScript (deprecated upstream) where dynamo
+  cannot yet:
+  - vae-decoder / vae-encoder: dynamo fails on the streaming chunk graphs ("Cannot copy out of
+    meta tensor; no data!" while tracing their cache slots);
+  - every Q/DQ graph (a quantized artifact): the ``lance_qdq::QLinear`` placeholder of
+    ``qdq.py`` is a TorchScript symbolic; dynamo would need a custom-op translation instead.
+* ``dynamo`` / ``torchscript`` force one exporter (dynamo is refused for Q/DQ graphs and is
+  ~10x slower to export than TorchScript's 0.3-0.5 s per layer graph).
+
+The dynamo wrappers keep the axes dynamic because they avoid the two things that make it
+specialise: SDPA's ``enable_gqa`` and masks built from Python ints (anchors §5, pytorch#152018).
 
 The folder is built beside ``--out`` and renamed into place only when every graph exported and
 passed the ONNX checker, so a failed export never leaves a half-written folder behind.
@@ -15,8 +23,10 @@ passed the ONNX checker, so a failed export never leaves a half-written folder b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -39,8 +49,10 @@ from lance_deploy.core.fsutil import remove_stale_siblings
 from lance_deploy.core.lock import PathLock
 from lance_deploy.core.optional import require
 from lance_deploy.export.graph_file import (
+    DEFAULT_TARGET,
     GRAPHS_DIR,
     OPSET,
+    TARGETS,
     onnx_modules,
     pin_static_outputs,
     save_graph,
@@ -50,7 +62,9 @@ from lance_deploy.export.parts import BUILDERS, GraphJob
 from lance_deploy.export.presets import PARTS, preset_shapes
 from lance_deploy.export.sources import open_source
 
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DYNAMO_PARTS = ("gen-layer", "und-layer", "vit")  # where dynamo's fp32 graphs verify (module docstring)
+DYNAMO_OPSET = 18  # the lowest opset the dynamo exporter emits
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,8 @@ class ExportRequest:
     aspect: str = "1:1"
     layers: tuple[int, ...] | None = None  # None = every layer
     vae_tile: tuple[int, int] | None = None  # None = the preset's aspect bucket (capped at 32 cells)
-    exporter: str = "torchscript"
+    exporter: str = "auto"
+    target: str = DEFAULT_TARGET
     force: bool = False
     vit: Path | None = None
     vae: Path | None = None
@@ -73,7 +88,7 @@ class ExportRequest:
         return {"parts": sorted(self.parts), "preset": self.preset, "aspect": self.aspect,
                 "layers": None if self.layers is None else sorted(self.layers), "exporter": self.exporter,
                 "vae_tile": None if self.vae_tile is None else list(self.vae_tile),
-                "opset": OPSET, "dtype": "float32"}
+                "opset": OPSET, "dtype": "float32", "target": self.target}
 
 
 def _check_request(req: ExportRequest) -> None:
@@ -82,6 +97,8 @@ def _check_request(req: ExportRequest) -> None:
             raise LanceUsageError(f"--part {part!r} is unknown; choose from {', '.join(PARTS)}")
     if not req.parts:
         raise LanceUsageError(f"--part is required; choose from {', '.join(PARTS)}")
+    if req.target not in TARGETS:
+        raise LanceUsageError(f"--target {req.target!r} is unknown; choose from {', '.join(TARGETS)}")
     if req.exporter not in EXPORTERS:
         raise LanceUsageError(f"--exporter {req.exporter!r} is unknown; choose from {', '.join(EXPORTERS)}")
     if not req.model.exists():
@@ -109,32 +126,50 @@ def _describe(request: dict) -> str:
     return f"{'+'.join(request.get('parts', []))} at {request.get('preset')}, layers {request.get('layers') or 'all'}"
 
 
+def exporter_for(job: GraphJob, requested: str, quantized: bool) -> str:
+    """The exporter one graph is traced with (``auto``: see the module docstring)."""
+    if quantized:
+        if requested == "dynamo":
+            raise LanceUsageError(f"--exporter dynamo: graph {job.name} holds quantized Linears, which only the "
+                                  "TorchScript exporter lowers to Q/DQ (export/qdq.py); use --exporter auto")
+        return "torchscript"
+    if requested == "auto":
+        return "dynamo" if job.part in DYNAMO_PARTS else "torchscript"
+    return requested
+
+
 def _trace(job: GraphJob, path: Path, exporter: str) -> None:
-    kwargs = {"dynamo": False} if exporter == "torchscript" else {"dynamo": True, "optimize": True}
+    kwargs = {"dynamo": False, "opset_version": OPSET} if exporter == "torchscript" else \
+        {"dynamo": True, "optimize": True, "opset_version": DYNAMO_OPSET, "verbose": False}
     if exporter == "dynamo":
         require("onnxscript")
-    with warnings.catch_warnings(), torch.no_grad():
-        # Tracer / deprecation chatter only; dynamic-shape mistakes are caught by verify instead.
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        # Tracer / deprecation chatter only (dynamo prints its steps: kept off stdout, where --json goes);
+        # dynamic-shape mistakes are caught by verify instead.
         warnings.simplefilter("ignore")
         torch.onnx.export(job.module, job.args, str(path), input_names=job.input_names,
                           output_names=job.output_names, dynamic_axes=job.dynamic_axes or None,
-                          opset_version=OPSET, do_constant_folding=True, **kwargs)
+                          do_constant_folding=True, **kwargs)
 
 
-def export_graph(job: GraphJob, root: Path, preset: str, exporter: str) -> GraphEntry:
+def export_graph(job: GraphJob, root: Path, preset: str, exporter: str = "auto",
+                 target: str = DEFAULT_TARGET) -> GraphEntry:
     """Trace one job into root/graphs/<name>.onnx (+ .onnx.data) and describe it."""
     from lance_deploy.formats.qlinear import QLinear
 
-    if any(isinstance(m, QLinear) for m in job.module.modules()):  # quantized weights: Q/DQ graph
+    quantized = any(isinstance(m, QLinear) for m in job.module.modules())
+    exporter = exporter_for(job, exporter, quantized)
+    if quantized:  # quantized weights: Q/DQ graph
         from lance_deploy.export.qdq import export_qdq_graph
 
-        return export_qdq_graph(job, root, preset)
+        return export_qdq_graph(job, root, preset, target=target)
     onnx, _ = onnx_modules()
     with trace_dir(job, root) as raw_dir:
         _trace(job, raw_dir / "model.onnx", exporter)
         model = onnx.load(str(raw_dir / "model.onnx"))  # pulls in any external data the exporter wrote
         pin_static_outputs(model, job)
-        return save_graph(model, job, root, preset, dict(job.meta, opset=OPSET))
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        return save_graph(model, job, root, preset, dict(job.meta, opset=opset, exporter=exporter))
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -183,7 +218,7 @@ def _export_locked(req: ExportRequest, log: Callable[[str], None]) -> Manifest:
                 continue
             for job in BUILDERS[part](source, shapes, layers):
                 log(f"exporting {job.name}")
-                entries.append(export_graph(job, tmp, req.preset, req.exporter))
+                entries.append(export_graph(job, tmp, req.preset, req.exporter, req.target))
         producer = {"name": "lance-deploy", "version": lance_deploy.__version__, "torch": torch.__version__,
                     "onnx": onnx.__version__, "exporter": req.exporter}
         manifest = Manifest(producer=producer, source=source_info, request=req.identity_fields(), parts=entries)

@@ -24,12 +24,19 @@ initializers (not fp32 copies). The TorchScript exporter has no lowering for our
 | nf4           | DQ(UINT4 indices, 1) -> Cast int64 -> Gather(16-entry code table) x absmax |
 | bf16          | Cast(BFLOAT16 [in,out]) to float                                          |
 
-W8A8 (``activations="dynamic_per_token"``) adds the dynamic per-token activation quantization
-of `formats.int8/fp8.quantize_activations` in front of the MatMul: absmax over the row,
-scale = max(absmax / QMAX, 1e-12), QuantizeLinear(x, scale, axis=0) to int8 / float8, then
-DequantizeLinear with the same scale. ONNX's DynamicQuantizeLinear is uint8 asymmetric per
-tensor, which is not our math. Known limit: TensorRT wants build-time-constant Q scales, so it
-may refuse the per-token Q of a W8A8 graph; weight-only graphs are plain DQ -> MatMul.
+Two targets (``export onnx --target``) differ in the W8A8 activations and the opset:
+
+* ``tensorrt`` (default, what `build-engine` takes): static per-tensor activation scales,
+  scale = max(amax / QMAX, 1e-12) from the amax the artifact recorded at quantize time
+  (``quant/act_amax.py``): Q(x, scale, zp 0) -> DQ -> MatMul, every scale a positive
+  initializer and every zero point an explicit 0 of the quantized type (TensorRT reads the type
+  from it; ``export/trt_support.py``). Opset 20, TensorRT 10's documented maximum, unless a
+  4-bit weight needs 21 (INT4 and block_size exist only there). The PyTorch reference of such a
+  graph is the QLinear with `use_static_activations()` (same scale, same saturation).
+* ``onnxruntime``: the dynamic per-token form of `formats.int8/fp8.quantize_activations`:
+  absmax over the row, Q(x, scale, axis=0) / DQ with that [n] scale, opset 21 (``output_dtype``).
+  ONNX's DynamicQuantizeLinear is uint8 asymmetric per tensor, which is not our math; TensorRT
+  refuses run-time scales, so these graphs are for onnxruntime only (the lint says so).
 
 The expansion assumes float32 activations, as every graph `export onnx` writes. onnxruntime must
 run these graphs with `ort_runtime.session_options()` (its QDQ fusions change the numerics).
@@ -45,8 +52,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.core.optional import require
-from lance_deploy.export.graph_file import GRAPHS_DIR, OPSET, pin_static_outputs, save_graph, trace_dir
+from lance_deploy.export.graph_file import GRAPHS_DIR, OPSET, TARGETS, pin_static_outputs, save_graph, trace_dir
+from lance_deploy.export.trt_support import BLOCK_OPSET, MAX_OPSET
+from lance_deploy.formats import fp8, int8
 from lance_deploy.formats.qlinear import QLinear
 
 if TYPE_CHECKING:
@@ -54,8 +64,31 @@ if TYPE_CHECKING:
     from lance_deploy.export.parts import GraphJob
 
 DOMAIN = "lance_qdq"
-QDQ_OPSET = 21
-QDQ_IR_VERSION = 10  # the IR version that introduced opset 21 (and INT4/UINT4)
+QDQ_OPSET = 21  # onnxruntime target (and TensorRT graphs with 4-bit weights)
+IR_VERSIONS = {20: 9, 21: 10}  # the IR version that introduced each opset (10: INT4/UINT4)
+FOUR_BIT = ("int4", "nf4")
+
+
+def qdq_opset(registry, target: str) -> int:
+    """The opset of a Q/DQ graph: 21 for onnxruntime; for TensorRT its documented 20 unless a
+    4-bit weight needs 21."""
+    if target not in TARGETS:
+        raise LanceUsageError(f"--target {target!r} is unknown; choose from {', '.join(TARGETS)}")
+    if target == "onnxruntime" or any(q.spec.name in FOUR_BIT for _, q in registry):
+        return BLOCK_OPSET
+    return MAX_OPSET
+
+
+def static_activations(module: nn.Module, where: str) -> None:
+    """Switch every W8A8 QLinear of `module` to its calibrated static per-tensor scale (in place)."""
+    for path, q in quantized_linears(module).items():
+        if q.spec.activations is None:
+            continue
+        if q.act_amax is None:
+            raise LanceUsageError(f"{where}: {path} ({q.spec.label}) has no calibrated activation amax, which "
+                                  "--target tensorrt needs for static scales; re-quantize with a recipe that has a "
+                                  "calibration section, or export with --target onnxruntime (dynamic scales)")
+        q.use_static_activations()
 
 
 class _Ref:
@@ -133,21 +166,21 @@ def formats_of(registry) -> dict[str, str]:
     return {path: q.spec.label for path, q in registry}
 
 
-def upgrade_opset(model):
-    """The opset-17 trace -> opset 21 (placeholders pass through), IR version 10."""
+def upgrade_opset(model, opset: int = QDQ_OPSET):
+    """The opset-17 trace -> `opset` (placeholders pass through), at that opset's IR version."""
     onnx = require("onnx")
     from onnx import version_converter
 
-    model = version_converter.convert_version(model, QDQ_OPSET)
-    model.ir_version = QDQ_IR_VERSION
+    model = version_converter.convert_version(model, opset)
+    model.ir_version = IR_VERSIONS[opset]
     # The converter does not know our domain; keep its import until the placeholders are gone.
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return model
 
 
-def expand_placeholders(model, registry) -> None:
-    """Replace every ``lance_qdq::QLinear`` node by standard Q/DQ nodes, in place."""
+def expand_placeholders(model, registry, target: str = "onnxruntime") -> None:
+    """Replace every ``lance_qdq::QLinear`` node by standard Q/DQ nodes for `target`, in place."""
     nodes = []
     for node in model.graph.node:
         if node.domain != DOMAIN:
@@ -155,7 +188,7 @@ def expand_placeholders(model, registry) -> None:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         path, q = registry[attrs["qid"]]
-        new_nodes, inits = qlinear_subgraph(q, path, node.input[0], node.output[0], attrs["rank"])
+        new_nodes, inits = qlinear_subgraph(q, path, node.input[0], node.output[0], attrs["rank"], target)
         nodes += new_nodes
         model.graph.initializer.extend(inits)
     del model.graph.node[:]
@@ -163,6 +196,46 @@ def expand_placeholders(model, registry) -> None:
     keep = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(keep)
+    if target == "tensorrt":
+        share_input_quantization(model)
+
+
+def share_input_quantization(model) -> int:
+    """One Q -> DQ per quantized tensor: q/k/v (and gate/up) each expand their own static Q/DQ of the
+    same input with the same scale, which compute identical values; keep the first, point the other
+    MatMuls at it, drop the rest (and their now unused constants). Returns how many pairs were dropped."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = list(model.graph.node)
+    users: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    first, rename, drop = {}, {}, set()
+    for q in nodes:
+        if q.op_type != "QuantizeLinear" or q.input[0] in inits or len(q.input) < 3:
+            continue
+        dq = users.get(q.output[0], [])
+        if len(dq) != 1 or dq[0].op_type != "DequantizeLinear" or list(dq[0].input[1:]) != list(q.input[1:]):
+            continue
+        key = (q.input[0], numpy_helper.to_array(inits[q.input[1]]).tobytes(), inits[q.input[2]].data_type)
+        if key in first:
+            rename[dq[0].output[0]], drop = first[key], drop | {id(q), id(dq[0])}
+        else:
+            first[key] = dq[0].output[0]
+    kept = [n for n in nodes if id(n) not in drop]
+    for n in kept:
+        for k, i in enumerate(n.input):
+            if i in rename:
+                n.input[k] = rename[i]
+    used = {i for n in kept for i in n.input}
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    live = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(live)
+    return len(drop) // 2
 
 
 def quantized_bytes(registry) -> int:
@@ -173,32 +246,40 @@ def quantized_bytes(registry) -> int:
     return total
 
 
-def export_qdq_graph(job: GraphJob, root: Path, preset: str) -> GraphEntry:
+def export_qdq_graph(job: GraphJob, root: Path, preset: str, *, target: str) -> GraphEntry:
     """Like `onnx_export.export_graph`, for a job whose module holds QLinears.
 
-    Writes root/graphs/<name>.onnx (+ .onnx.data) at opset 21 with Q/DQ nodes and quantized
-    initializers; the entry's meta records the opset and each Linear's format.
+    Writes root/graphs/<name>.onnx (+ .onnx.data) with Q/DQ nodes and quantized initializers for
+    `target` (see the module docstring); the entry's meta records the opset, the target, each
+    Linear's format and, for static scales, each W8A8 Linear's activation amax.
     """
     import warnings
 
     onnx = require("onnx")
 
     (root / GRAPHS_DIR).mkdir(parents=True, exist_ok=True)
+    if target == "tensorrt":
+        static_activations(job.module, f"graph {job.name}")
     with trace_dir(job, root) as raw_dir:
         with qdq_swapped(job.module) as registry:
             if not registry:
                 raise ValueError(f"graph {job.name}: no QLinear to export as Q/DQ (use export_graph)")
+            opset = qdq_opset(registry, target)
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # tracer chatter; numerics are checked by the tests
                 torch.onnx.export(job.module, job.args, str(raw_dir / "model.onnx"), input_names=job.input_names,
                                   output_names=job.output_names, dynamic_axes=job.dynamic_axes or None,
                                   opset_version=OPSET, do_constant_folding=True, dynamo=False,
                                   custom_opsets={DOMAIN: 1})
-            model = upgrade_opset(onnx.load(str(raw_dir / "model.onnx")))
-            expand_placeholders(model, registry)
+            model = upgrade_opset(onnx.load(str(raw_dir / "model.onnx")), opset)
+            expand_placeholders(model, registry, target)
             pin_static_outputs(model, job)
             formats, packed = formats_of(registry), quantized_bytes(registry)
-        meta = dict(job.meta, opset=QDQ_OPSET, quantized=formats, packed_weight_bytes=packed)
+            amax = {p: q.act_amax for p, q in registry if q.static_activations}
+        meta = dict(job.meta, opset=opset, exporter="torchscript", target=target, quantized=formats,
+                    packed_weight_bytes=packed)
+        if amax:
+            meta["activation_amax"] = amax
         return save_graph(model, job, root, preset, meta)
 
 
@@ -249,7 +330,16 @@ def _pack4(codes: Tensor) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).numpy().tobytes()
 
 
-def _weight(b: _Builder, q: QLinear) -> str:
+def _zeros(b: _Builder, name: str, data_type: int, shape) -> str:
+    """An explicit zero point of `data_type` (TensorRT takes the quantized type from it)."""
+    from onnx import TensorProto as TP
+
+    n = int(np.prod(shape)) if len(shape) else 1
+    nbytes = (n + 1) // 2 if data_type in (TP.INT4, TP.UINT4) else n  # 1-byte types, or 2 nibbles a byte
+    return b.raw(name, data_type, shape, bytes(nbytes))
+
+
+def _weight(b: _Builder, q: QLinear, explicit_zero: bool) -> str:
     """The float [in, out] weight, as DequantizeLinear (or the nf4 lookup) of the stored codes."""
     from onnx import TensorProto as TP
 
@@ -258,8 +348,11 @@ def _weight(b: _Builder, q: QLinear) -> str:
 
     p, name = q.packed, q.spec.name
     if name in ("int8", "fp8_e4m3"):
-        w = b.tensor("weight_q", TP.INT8 if name == "int8" else TP.FLOAT8E4M3FN, p.qdata.t())
-        return b.op("DequantizeLinear", [w, b.array("weight_scale", p.scale.float().reshape(-1).numpy())], axis=1)
+        code = TP.INT8 if name == "int8" else TP.FLOAT8E4M3FN
+        inputs = [b.tensor("weight_q", code, p.qdata.t()), b.array("weight_scale", p.scale.float().reshape(-1).numpy())]
+        if explicit_zero:
+            inputs.append(_zeros(b, "weight_zero_point", code, (q.out_features,)))
+        return b.op("DequantizeLinear", inputs, axis=1)
     if name == "bf16":
         return b.op("Cast", [b.tensor("weight", TP.BFLOAT16, p.qdata.t())], to=TP.FLOAT)
     inn, out, g = q.in_features, q.out_features, p.spec.group_size
@@ -269,6 +362,8 @@ def _weight(b: _Builder, q: QLinear) -> str:
         if p.zero_point is None:  # symmetric: implicit zero point 8 -> signed INT4, no zero point
             w = b.raw("weight_q", TP.INT4, (inn, out), _pack4(codes.to(torch.int16) - SYM_ZERO))
             inputs = [w, b.array("weight_scale", scale.numpy())]
+            if explicit_zero:
+                inputs.append(_zeros(b, "weight_zero_point", TP.INT4, (inn // g, out)))
         else:
             w = b.raw("weight_q", TP.UINT4, (inn, out), _pack4(codes))
             zp = b.raw("weight_zero_point", TP.UINT4, (inn // g, out), _pack4(p.zero_point.t()))
@@ -300,11 +395,29 @@ def _quantize_activations(b: _Builder, x: str, q: QLinear) -> str:
     return b.op("DequantizeLinear", [xq, scale], axis=0)
 
 
-def qlinear_subgraph(q: QLinear, path: str, x: str, y: str, rank: int):
-    """(nodes, initializers) computing y = QLinear(x) with standard ONNX ops (opset 21)."""
+def _static_activations(b: _Builder, x: str, q: QLinear) -> str:
+    """Per-tensor Q -> DQ of x (any rank) with the calibrated scale, as `QLinear.use_static_activations`."""
+    from onnx import TensorProto as TP
+
+    fmt, to = (int8, TP.INT8) if q.spec.name == "int8" else (fp8, TP.FLOAT8E4M3FN)
+    scale = b.array("input_scale", fmt.static_scale(q.act_amax).numpy())
+    zero = _zeros(b, "input_zero_point", to, ())
+    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale, zero]), scale, zero])
+
+
+def qlinear_subgraph(q: QLinear, path: str, x: str, y: str, rank: int, target: str = "onnxruntime"):
+    """(nodes, initializers) computing y = QLinear(x) with standard ONNX ops for `target`."""
     b = _Builder(path)
     if q.smooth is not None:  # AWQ / SmoothQuant runtime divisor, applied before any quantization
         x = b.op("Div", [x, b.array("smooth", q.smooth.float().numpy())])
+    if target == "tensorrt":
+        if q.spec.activations is not None:
+            x = _static_activations(b, x, q)
+        out = b.op("MatMul", [x, _weight(b, q, explicit_zero=True)])  # N-D x 2-D: no flattening needed
+        if q.bias is not None:
+            out = b.op("Add", [out, b.array("bias", q.bias.float().numpy())])
+        b.nodes[-1].output[0] = y
+        return b.nodes, b.inits
     lead = None
     if q.spec.activations is not None and rank != 2:
         # Per-token scales need rows: flatten [..., in] to [n, in], restore the lead dims after.
@@ -313,7 +426,7 @@ def qlinear_subgraph(q: QLinear, path: str, x: str, y: str, rank: int):
         x = b.op("Reshape", [x, b.array("rows", np.array([-1, q.in_features], np.int64))])
     if q.spec.activations is not None:
         x = _quantize_activations(b, x, q)
-    out = b.op("MatMul", [x, _weight(b, q)])
+    out = b.op("MatMul", [x, _weight(b, q, explicit_zero=False)])
     if q.bias is not None:
         out = b.op("Add", [out, b.array("bias", q.bias.float().numpy())])
     if lead is not None:

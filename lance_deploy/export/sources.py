@@ -80,6 +80,7 @@ class ArtifactSource:
 
     path: Path
     cfg: LLMConfig
+    static_activations: bool = False  # W8A8 layers use their calibrated static scales (--target tensorrt)
 
     @property
     def vision(self) -> VisionConfig:
@@ -102,8 +103,13 @@ class ArtifactSource:
 
         _check_layer(self.cfg, index)
         prefix = layer_prefix(index)
-        return build_on_meta(lambda: MoTLayer(self.cfg, index, with_gen), lambda layer: load_module(
+        layer = build_on_meta(lambda: MoTLayer(self.cfg, index, with_gen), lambda layer: load_module(
             layer, self._reader(), lambda k: cn.to_canonical(prefix + k), torch.float32, "cpu"))
+        if self.static_activations:
+            from lance_deploy.export.qdq import static_activations
+
+            static_activations(layer, f"{self.path}: layer {index}")
+        return layer
 
     def vit(self):
         from lance_deploy.artifact.load import load_artifact_vit

@@ -23,6 +23,8 @@ from lance_deploy.artifact.graph_manifest import GraphEntry, load_manifest, safe
 from lance_deploy.core.errors import LanceError, LanceUsageError
 from lance_deploy.core.fsutil import atomic_path
 from lance_deploy.core.optional import require
+from lance_deploy.export.trt_lint import errors as lint_errors
+from lance_deploy.export.trt_lint import lint_graph, refusal
 from lance_deploy.runtime.tensorrt import engine_dir, gpu_identity, tensorrt_module
 
 PRECISIONS = ("fp16", "bf16", "fp8", "int8")
@@ -136,9 +138,13 @@ def build_engines(req: EngineRequest, log: Callable[[str], None] = lambda s: Non
     if unknown:
         raise LanceUsageError(f"--graph {unknown[0]!r} is not in {req.root / 'manifest.json'}; "
                               f"choose from {', '.join(e.name for e in manifest.parts)}")
+    entries = [e for e in manifest.parts if req.graphs is None or e.name in req.graphs]
+    for entry in entries:  # the lint first: a graph TensorRT would refuse is named before any build
+        findings = lint_graph(req.root, entry)
+        if lint_errors(findings):
+            raise LanceUsageError(refusal(entry.name, findings))
     trt = tensorrt_module()  # after the cheap checks, so usage errors are reported first
     gpu = gpu_identity()
-    entries = [e for e in manifest.parts if req.graphs is None or e.name in req.graphs]
     cache = req.timing_cache.read_bytes() if req.timing_cache and req.timing_cache.is_file() else b""
     out_dir, written = engine_dir(req.root, gpu), []
     for entry in entries:

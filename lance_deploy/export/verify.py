@@ -2,7 +2,10 @@
 
 Errors per output: max-abs and relative L2 (||got - ref|| / ||ref||), the worst over the input
 cases of that graph. They are written into each graph's `verification` in manifest.json (atomic
-rewrite). An fp32 graph passes at rel <= 1e-4, the project's golden float32 criterion.
+rewrite). An fp32 graph passes at rel <= 1e-4, the project's golden float32 criterion. A
+``--target tensorrt`` export's W8A8 graphs are compared with the QLinears switched to the same
+static activation scales, and every graph also gets the TensorRT lint (``trt_lint.py``):
+recorded for any export, a failure only for a tensorrt one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from lance_deploy.core.fsutil import sha256_file
 from lance_deploy.export.graph_file import onnx_modules
 from lance_deploy.export.reference import CHECKS, Comparison
 from lance_deploy.export.sources import Source, open_source
+from lance_deploy.export.trt_lint import errors as lint_errors
+from lance_deploy.export.trt_lint import lint_graph
 from lance_deploy.runtime.graphs import providers, session_options
 
 FP32_REL_TOL = 1e-4
@@ -98,7 +103,21 @@ def _source_for(manifest: Manifest, model: Path | None, root: Path) -> Source:
     if source.fingerprint()["files"] != manifest.source["files"]:
         raise LanceUsageError(f"{path}: the checkpoint differs from the one {root} was exported from; "
                               "pass --model with the original checkpoint")
+    if hasattr(source, "static_activations"):  # an artifact: the reference uses the graphs' static scales
+        source.static_activations = target_of(manifest) == "tensorrt"
     return source
+
+
+def target_of(manifest: Manifest) -> str:
+    """The export's --target (exports from before targets existed were onnxruntime graphs)."""
+    return manifest.request.get("target", "onnxruntime")
+
+
+def _lint(root: Path, entry: GraphEntry, enforced: bool) -> bool:
+    findings = lint_graph(root, entry)
+    entry.verification["tensorrt_lint"] = {"enforced": enforced, "passed": not lint_errors(findings),
+                                           "findings": [f.to_dict() for f in findings]}
+    return not (enforced and lint_errors(findings))
 
 
 def verify_export(root: str | Path, model: Path | None = None,
@@ -120,7 +139,8 @@ def verify_export(root: str | Path, model: Path | None = None,
         comps = CHECKS[part](source, entries, pool.run)
         for entry in entries:
             mine = [c for c in comps if c.entry == entry.name]
-            if not _record(entry, mine, pool.used.get(entry.name, "none"), ort.__version__):
+            numerics = _record(entry, mine, pool.used.get(entry.name, "none"), ort.__version__)
+            if not (_lint(root, entry, target_of(manifest) == "tensorrt") and numerics):
                 failed.append(entry.name)
     write_manifest(root, manifest)
     return VerifyResult(manifest, failed)

@@ -56,3 +56,14 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token fp8: x [..., in] -> (codes float8_e4m3fn [..., in], scale fp32 [..., 1])."""
     scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_TINY)
     return _codes(x, scale), scale
+
+
+
+def static_scale(amax: float) -> torch.Tensor:
+    """The per-tensor activation scale of a calibrated amax: fp32 scalar amax / 448 (> 0)."""
+    return torch.tensor(max(float(amax) / FP8_MAX, _TINY), dtype=torch.float32)
+
+
+def quantize_activations_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor fp8 codes of x with a calibrated `scale` (saturating, as ONNX QuantizeLinear)."""
+    return _codes(x, scale)

@@ -56,3 +56,17 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token int8: x [..., in] -> (codes int8 [..., in], scale fp32 [..., 1])."""
     scale = (x.float().abs().amax(dim=-1, keepdim=True) / QMAX).clamp_min(_TINY)
     return _codes(x, scale), scale
+
+
+QLO = -128  # ONNX / TensorRT QuantizeLinear saturates int8 to [-128, 127]
+
+
+def static_scale(amax: float) -> torch.Tensor:
+    """The per-tensor activation scale of a calibrated amax: fp32 scalar amax / 127 (> 0)."""
+    return torch.tensor(max(float(amax) / QMAX, _TINY), dtype=torch.float32)
+
+
+def quantize_activations_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor int8 codes of x with a calibrated `scale`, exactly as ONNX QuantizeLinear
+    (round half to even, saturate to [-128, 127]): values past the calibrated amax clip."""
+    return torch.round(x.float() / scale).clamp_(QLO, QMAX).to(torch.int8)

@@ -16,18 +16,32 @@ The forward pass dispatches on the spec, the device and the row count of the inp
 
 Why these: they are maintained with torch (tinygemm, the int8 weight-only kernel, cuBLASLt fp8
 and int8 GEMMs) or are the format's own library (bitsandbytes), so no kernel code lives here.
+torchao (0.18, checked beside torch 2.13) is not used: its int4 weight-only layouts call these
+same tinygemm ops (`_weight_int4pack_mm`; `_weight_int4pack_mm_for_cpu` on the CPU), its int8
+paths `_int_mm` or a cast + matmul (our dequantize + cuBLAS), all behind tensor subclasses that
+the artifact format rules out; its own kernels (preshuffled int4 via fbgemm's mslk ops, mxfp8
+CUTLASS) need another package or its CUDA extension built for the exact torch, which does not
+even load on a CPU torch. A GPU run of benchmarks/kernels.py is where a better kernel would show.
 fp8 weight-only has no fused kernel for bf16 activations: `_scaled_mm` multiplies two fp8
 operands, so using it would quantize activations, i.e. the W8A8 spec, which a recipe chooses
 explicitly (fp8-ada-hopper). The weight-only decode kernels are GEMV-shaped, so with thousands of
 rows the dequantized weight through cuBLAS is the safe choice until benchmarks/kernels.py on a
 GPU says otherwise. `prepare(device)` repacks once where a kernel wants its own layout (int4
 tinygemm tiles and bf16 scale/zero pairs; int8 W8A8's contiguous [in, out] operand), replacing
-the plain fields, so it adds no bytes; the artifact keeps the plain packed tensors.
+the plain fields, so it adds no bytes; the artifact keeps the plain packed tensors. The planner
+counts the plain fields (`formats.nbytes`), an upper bound of every repacked layout (int4
+asymmetric drops its 1 B zero point per group; tests/formats/test_kernels_fake.py checks each
+format at each Lance shape); the repack's scratch is one Linear's unpacked codes, freed at once.
 
 The reference paths compute exactly the math the format defines, so W8A8 quality (quantized
 activations included) can be measured on CPU; the fused paths are tested against them within
-each format's SQNR floor (tests/formats/test_kernels.py). When a `smooth` vector is present the
+each format's SQNR floor (tests/formats/test_kernels.py), and every CUDA branch runs on fake CUDA
+tensors at Lance's shapes (tests/formats/test_kernels_fake.py). When a `smooth` vector is present the
 input is first divided by it, in the input's dtype.
+
+`use_static_activations()` switches a W8A8 Linear to one calibrated per-tensor activation scale
+(`act_amax`, recorded at quantize time): the exact arithmetic of the ``--target tensorrt`` Q/DQ
+graph (fp32 DQ(Q(x)) @ DQ(w)ᵀ, ONNX saturation), used as its reference and to measure its cost.
 """
 
 from __future__ import annotations
@@ -124,6 +138,16 @@ class QLinear(nn.Module):
 
     # -- kernels ------------------------------------------------------------------------------
     prepared: str | None = None  # the kernel layout `prepare` repacked into (class default: none)
+    act_amax: float | None = None  # W8A8: calibrated per-tensor amax of the (smoothed) input, from the artifact
+    static_activations: bool = False  # W8A8: quantize inputs per tensor with act_amax (TensorRT's Q/DQ), not per token
+
+    def use_static_activations(self, on: bool = True) -> None:
+        """Switch a W8A8 Linear to static per-tensor activation scales (act_amax / QMAX), the math of
+        a ``--target tensorrt`` Q/DQ graph; refused without a calibrated amax."""
+        if on and (self.spec.activations is None or self.act_amax is None):
+            raise FormatError(f"{self.spec.label}: static activation scales need a W8A8 Linear with a calibrated "
+                              "act_amax (quantize with a calibration section)")
+        self.static_activations = on
 
     def prepare(self, device=None) -> int:
         """Repack, once, into the layout the fused kernel of `device` wants, in place; returns the
@@ -173,6 +197,8 @@ class QLinear(nn.Module):
         cuda = x.is_cuda
         if self.prepared in ("int4_tinygemm", "int4_cpu"):
             return self.prepared
+        if w8a8 and self.static_activations:
+            return "w8a8_static"
         if self.prefer_reference and name != "bf16":
             return "fp8_w8a8_reference" if name == "fp8_e4m3" and w8a8 else (
                 "int8_int_mm" if name == "int8" and w8a8 else "dequant_matmul")
@@ -212,7 +238,10 @@ class QLinear(nn.Module):
             y = mm(x2.to(torch.bfloat16) if kernel == "int4_tinygemm" else x2, self.i4_weight,
                    self.spec.group_size, sz)
             return self._finish(y, lead, x.dtype)
-        if kernel == "fp8_scaled_mm":
+        if kernel == "w8a8_static":
+            w = self.qdata_t.t() if self.prepared == "int8_t" else self.qdata
+            y = _w8a8_static(x2, w, self.scale, int8 if self.spec.name == "int8" else fp8, self.act_amax)
+        elif kernel == "fp8_scaled_mm":
             y = _fp8_scaled_mm(x2, self.qdata.t(), self.scale)
         elif kernel == "fp8_w8a8_reference":
             y = _fp8_w8a8_reference(x2, self.qdata, self.scale)
@@ -257,6 +286,14 @@ def _fp8_scaled_mm(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor) -> t
     xq, xs = fp8.quantize_activations(x.contiguous())
     y = torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=scale.float().t(), out_dtype=torch.bfloat16)
     return y.float()
+
+
+def _w8a8_static(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, fmt, amax: float) -> torch.Tensor:
+    """x [n, in] -> fp32 [n, out] with one calibrated activation scale: DQ(Q(x)) @ DQ(w)ᵀ in fp32,
+    the arithmetic of the static Q/DQ graph (``export/qdq.py``), so onnxruntime matches it to fp32 rounding."""
+    s = fmt.static_scale(amax).to(x.device)
+    xq = fmt.quantize_activations_static(x, s)
+    return (xq.float() * s) @ (qdata.float() * scale.float()).t()
 
 
 def _int8_w8a8(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

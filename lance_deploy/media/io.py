@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from lance_deploy.core.errors import LanceError, LanceUsageError, MediaError
 from lance_deploy.core.fsutil import publish, publish_bytes
@@ -88,20 +88,36 @@ def check_pixels(width: int, height: int, path) -> None:
                          "input limit; downscale it first")
 
 
-def write_image(frame: np.ndarray, path) -> None:
-    """Write one uint8 [H, W, 3] frame (or [1, H, W, 3]) as a PNG, atomically."""
+def png_bytes(frame: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """One uint8 [H, W, 3] frame (or [1, H, W, 3]) as PNG bytes with `text` as tEXt chunks
+    (`media.metadata.png_text`)."""
+    frame = _png_frame(frame)
+    buf = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)  # tEXt; Pillow makes it iTXt (UTF-8) when the text is not Latin-1
+    Image.fromarray(frame).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _png_frame(frame) -> np.ndarray:
     frame = np.asarray(frame)
     if frame.ndim == 4 and frame.shape[0] == 1:
         frame = frame[0]
     _check_uint8_rgb(frame, ndim=3, what="an image")
+    return np.ascontiguousarray(frame)
+
+
+def write_image(frame: np.ndarray, path, text: dict[str, str] | None = None, *, overwrite: bool = True) -> None:
+    """Write one uint8 [H, W, 3] frame (or [1, H, W, 3]) as a PNG, atomically, with `text` as tEXt
+    chunks. `overwrite=False`: FileExistsError rather than replace a file."""
+    frame = _png_frame(frame)
     path = Path(path)
-    frame = np.ascontiguousarray(frame)
-    buf = io.BytesIO()
     try:
-        Image.fromarray(frame).save(buf, format="PNG")  # in memory: the exact size is known up front
+        data = png_bytes(frame, text)  # in memory: the exact size is known up front
     except OSError as exc:
         raise LanceError(f"cannot write image {path}: {_one_line(exc)}") from exc
-    publish_bytes(path, buf.getvalue(), what="image", verify=lambda tmp: _check_png(tmp, frame))
+    publish_bytes(path, data, what="image", verify=lambda tmp: _check_png(tmp, frame), overwrite=overwrite)
 
 
 def _check_png(tmp: Path, frame: np.ndarray) -> None:
@@ -211,8 +227,10 @@ def _check_video_bytes(total: int, count: int, shape, path) -> None:
                          f"{w}x{h}); trim or downscale it first, e.g. ffmpeg -i IN -t 6 -vf scale=-2:480 OUT.mp4")
 
 
-def write_video(frames: np.ndarray, path, fps: int = 12) -> None:
-    """Write uint8 [T, H, W, 3] frames as an H.264 (yuv420p) MP4, atomically.
+def write_video(frames: np.ndarray, path, fps: int = 12, comment: str | None = None, *,
+                overwrite: bool = True) -> None:
+    """Write uint8 [T, H, W, 3] frames as an H.264 (yuv420p) MP4, atomically, with `comment` as the
+    container's comment tag (`media.metadata`). `overwrite=False`: FileExistsError rather than replace.
 
     yuv420p needs even sides, so an odd height or width is padded by repeating
     the last row or column (Lance's outputs are multiples of 16 anyway).
@@ -233,7 +251,8 @@ def write_video(frames: np.ndarray, path, fps: int = 12) -> None:
         writer = imageio_ffmpeg.write_frames(
             str(tmp), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
             quality=None, macro_block_size=1, ffmpeg_log_level="error",
-            output_params=["-crf", str(VIDEO_CRF), "-movflags", "+faststart"],
+            output_params=["-crf", str(VIDEO_CRF), "-movflags", "+faststart"]
+            + (["-metadata", f"comment={comment}"] if comment else []),
         )
         writer.send(None)  # start ffmpeg
         try:
@@ -247,7 +266,7 @@ def write_video(frames: np.ndarray, path, fps: int = 12) -> None:
             writer.close()  # flushes and waits for ffmpeg (it does not report a failed flush: hence the read-back)
 
     try:
-        publish(path, encode, verify=lambda tmp: _check_mp4(tmp, width, height), what="video")
+        publish(path, encode, verify=lambda tmp: _check_mp4(tmp, width, height), what="video", overwrite=overwrite)
     except RuntimeError as exc:
         raise LanceError(f"cannot write video {path}: {_one_line(exc)}") from exc
 

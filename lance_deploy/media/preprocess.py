@@ -82,8 +82,12 @@ PRESETS: dict[str, Preset] = {
 # --------------------------------------------------------------------------- frame sampler
 
 
+# The frame rate video inputs are resampled to, so also the rate of every video the model makes.
+TARGET_FPS = 12
+
+
 def sample_frame_indices(
-    num_frames: int, fps: float, target_fps: int = 12, max_seconds: float = 6.0
+    num_frames: int, fps: float, target_fps: int = TARGET_FPS, max_seconds: float = 6.0
 ) -> list[int]:
     """Indices of the frames upstream keeps from an `num_frames`-frame video at `fps`.
 

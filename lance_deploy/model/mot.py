@@ -79,7 +79,8 @@ class MoTAttention(nn.Module):
         k = getattr(self, f"k_norm{s}")(k.float())
         return torch.cat([q.flatten(1), k.flatten(1), v.float().flatten(1)], dim=-1)
 
-    def forward(self, x, cos_sin, routing: Routing, cache: KVCache | None, causal: bool, update_cache: bool):
+    def project(self, x, cos_sin, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows -> rotated q [n, Hq, d], k / v [n, Hkv, d] at x's dtype (each row by its expert)."""
         qd, kd = self.heads * self.head_dim, self.kv_heads * self.head_dim
         qkv = route(x, routing, lambda r: self.qkv(r, ""), lambda r: self.qkv(r, GEN))
         q = qkv[:, :qd].view(-1, self.heads, self.head_dim)
@@ -87,9 +88,14 @@ class MoTAttention(nn.Module):
         v = qkv[:, qd + kd :].view(-1, self.kv_heads, self.head_dim)
         cos, sin = cos_sin
         dtype = x.dtype
-        q, k, v = apply_rope(q, cos.float(), sin.float()).to(dtype), apply_rope(k, cos.float(), sin.float()).to(dtype), v.to(dtype)
-        out = attend(q, k, v, cache, self.layer, causal=causal, update_cache=update_cache)
+        return apply_rope(q, cos.float(), sin.float()).to(dtype), apply_rope(k, cos.float(), sin.float()).to(dtype), v.to(dtype)
+
+    def output(self, out: torch.Tensor, routing: Routing) -> torch.Tensor:
         return route(out, routing, self.o_proj, lambda r: self.o_proj_moe_gen(r))
+
+    def forward(self, x, cos_sin, routing: Routing, cache: KVCache | None, causal: bool, update_cache: bool):
+        q, k, v = self.project(x, cos_sin, routing)
+        return self.output(attend(q, k, v, cache, self.layer, causal=causal, update_cache=update_cache), routing)
 
 
 class MoTLayer(nn.Module):
@@ -106,9 +112,20 @@ class MoTLayer(nn.Module):
             self.input_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    # Three stages: the two around the KV cache are pure tensor functions, which is what
+    # `runtime.compile` compiles (the cache is per-layer Python state, kept out of the graphs so
+    # one graph serves every layer).
     def forward(self, x, cos_sin, routing: Routing, cache, causal: bool, update_cache: bool):
+        q, k, v = self.pre_attention(x, cos_sin, routing)
+        out = attend(q, k, v, cache, self.self_attn.layer, causal=causal, update_cache=update_cache)
+        return self.post_attention(x, out, routing)
+
+    def pre_attention(self, x, cos_sin, routing: Routing):
         h = route(x, routing, self.input_layernorm, lambda r: self.input_layernorm_moe_gen(r))
-        x = x + self.self_attn(h, cos_sin, routing, cache, causal, update_cache)
+        return self.self_attn.project(h, cos_sin, routing)
+
+    def post_attention(self, x, out, routing: Routing):
+        x = x + self.self_attn.output(out, routing)
         h = route(
             x, routing,
             lambda r: self.mlp(self.post_attention_layernorm(r)),

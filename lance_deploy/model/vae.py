@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lance_deploy.core.errors import CheckpointError, LanceError
+from lance_deploy.core.progress import bar
 from lance_deploy.model.meta import build_on_meta
 from lance_deploy.model.vae_blocks import (
     AttentionBlock,
@@ -32,7 +33,14 @@ from lance_deploy.model.vae_blocks import (
     patchify,
     unpatchify,
 )
-from lance_deploy.model.vae_tiling import TilingConfig, tiled_decode, tiled_encode
+from lance_deploy.model.vae_tiling import (
+    TilingConfig,
+    plan_tiles,
+    tiled_decode,
+    tiled_encode,
+)
+
+PROGRESS_DELAY_S = 1.0  # VAE bars appear only for passes longer than this (under a command's progress mode)
 
 __all__ = ["WanVAE", "load_vae", "LATENT_MEAN", "LATENT_STD", "StreamCache", "TilingConfig"]  # noqa: RUF022
 
@@ -192,7 +200,7 @@ class WanVAE(nn.Module):
 
     # ------------------------------------------------------------------ streams
 
-    def encode_frames(self, x: Tensor, cache: StreamCache) -> tuple[Tensor, Tensor]:
+    def encode_frames(self, x: Tensor, cache: StreamCache, tick=None) -> tuple[Tensor, Tensor]:
         """Pixels [B, 3, T, H, W] (weights' dtype/device) -> raw (mu, log_var), each [B, 48, t, h, w].
 
         A fresh cache takes the first frame alone and then chunks of 4; a cache that has already
@@ -209,10 +217,12 @@ class WanVAE(nn.Module):
             cache.start_chunk()
             outs.append(self.encoder(x[:, :, start:stop], cache))
             cache.end_chunk()
+            if tick is not None:
+                tick()
         mu, log_var = self.conv1(torch.cat(outs, dim=2)).chunk(2, dim=1)
         return mu, log_var
 
-    def decode_frames(self, z: Tensor, cache: StreamCache) -> Tensor:
+    def decode_frames(self, z: Tensor, cache: StreamCache, tick=None) -> Tensor:
         """Raw (denormalised) latent [B, 48, t, h, w] -> pixels [B, 3, T, 16h, 16w], unclamped.
 
         One latent frame per chunk; the first chunk of a fresh cache yields 1 pixel frame, every
@@ -224,6 +234,8 @@ class WanVAE(nn.Module):
             cache.start_chunk()
             outs.append(self.decoder(x[:, :, i : i + 1], cache, first_chunk=cache.chunks_done == 0))
             cache.end_chunk()
+            if tick is not None:
+                tick()
         return unpatchify(torch.cat(outs, dim=2))
 
     # ------------------------------------------------------------------ public API
@@ -241,10 +253,14 @@ class WanVAE(nn.Module):
         if (t - 1) % 4 or h % 16 or w % 16:
             raise ValueError(f"VAE encode needs T = 4k+1 and H, W multiples of 16, got T={t}, {h}x{w}")
         tiling = TilingConfig() if tiling is None else tiling
-        if tiling.active(h // 16, w // 16):
-            return tiled_encode(self, video, tiling)
-        x = video.to(device=ref.device, dtype=ref.dtype).unsqueeze(0)  # [1, 3, T, H, W]
-        mu, log_var = self.encode_frames(x, StreamCache())
+        tiled = tiling.active(h // 16, w // 16)
+        total, unit = (len(plan_tiles(h // 16, w // 16, tiling)), "tile") if tiled else (1 + (t - 1) // 4, "chunk")
+        with bar(total, "vae encode", unit=unit, enabled=None, delay=PROGRESS_DELAY_S) as b:
+            tick = None if b is None else b.update
+            if tiled:
+                return tiled_encode(self, video, tiling, tick=tick)
+            x = video.to(device=ref.device, dtype=ref.dtype).unsqueeze(0)  # [1, 3, T, H, W]
+            mu, log_var = self.encode_frames(x, StreamCache(), tick=tick)
         latent = self.normalize(mu)[0].permute(1, 2, 3, 0).contiguous()  # [t, h, w, 48]
         return latent, log_var[0].float()
 
@@ -257,11 +273,16 @@ class WanVAE(nn.Module):
         if latent.dim() != 4 or latent.shape[-1] != self.z_dim:
             raise ValueError(f"VAE decode expects [t, h, w, {self.z_dim}], got {list(latent.shape)}")
         tiling = TilingConfig() if tiling is None else tiling
-        if tiling.active(latent.shape[1], latent.shape[2]):
-            return tiled_decode(self, latent, tiling)
-        z = latent.to(ref.device).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 48, t, h, w]
-        z = self.denormalize(z).to(ref.dtype)
-        return self.decode_frames(z, StreamCache())[0].float().clamp_(-1.0, 1.0)
+        t, h, w, _ = latent.shape
+        tiled = tiling.active(h, w)
+        total, unit = (len(plan_tiles(h, w, tiling)), "tile") if tiled else (t, "frame")
+        with bar(total, "vae decode", unit=unit, enabled=None, delay=PROGRESS_DELAY_S) as b:
+            tick = None if b is None else b.update
+            if tiled:
+                return tiled_decode(self, latent, tiling, tick=tick)
+            z = latent.to(ref.device).permute(3, 0, 1, 2).unsqueeze(0)  # [1, 48, t, h, w]
+            z = self.denormalize(z).to(ref.dtype)
+            return self.decode_frames(z, StreamCache(), tick=tick)[0].float().clamp_(-1.0, 1.0)
 
 
 # ---------------------------------------------------------------------- loading

@@ -187,7 +187,8 @@ def axis_weights(spans: Sequence[Span], scale: int) -> list[Tensor]:
 TileFn = Callable[[Span, Span], Sequence[Tensor]]
 
 
-def _blend_tiles(h: int, w: int, cfg: TilingConfig, scale: int, device: torch.device, run: TileFn) -> list[Tensor]:
+def _blend_tiles(h: int, w: int, cfg: TilingConfig, scale: int, device: torch.device, run: TileFn,
+                 tick: Callable[[], object] | None = None) -> list[Tensor]:
     """Run `run(rows, cols)` for every tile and feather-blend its outputs into fp32 canvases.
 
     `run` returns tensors [B, C, T, rows·scale, cols·scale]; the canvases are [B, C, T, h·scale,
@@ -207,6 +208,8 @@ def _blend_tiles(h: int, w: int, cfg: TilingConfig, scale: int, device: torch.de
         for canvas, out in zip(canvases, outs):
             canvas[..., ys[0] * scale : ys[1] * scale, xs[0] * scale : xs[1] * scale].add_(out.float() * wgt)
         del outs  # free the tile before the next one runs
+        if tick is not None:
+            tick()
     return canvases
 
 
@@ -242,9 +245,10 @@ def _encoder_bounds(frames: int) -> list[int]:
 
 
 @torch.no_grad()
-def tiled_decode(vae: TiledVAE, latent: Tensor, cfg: TilingConfig | None = None) -> Tensor:
+def tiled_decode(vae: TiledVAE, latent: Tensor, cfg: TilingConfig | None = None, tick=None) -> Tensor:
     """Normalised latent [t, h, w, 48] -> video [3, 1+4(t-1), 16h, 16w] in [-1, 1], fp32, decoded in
-    spatial tiles of `cfg.tile` cells (always tiled; `WanVAE.decode` makes the auto decision)."""
+    spatial tiles of `cfg.tile` cells (always tiled; `WanVAE.decode` makes the auto decision).
+    `tick()` follows each finished tile (progress)."""
     cfg = TilingConfig() if cfg is None else cfg
     ref = vae.part_weight("decoder")
     if latent.dim() != 4 or latent.shape[-1] != vae.z_dim:
@@ -267,12 +271,13 @@ def tiled_decode(vae: TiledVAE, latent: Tensor, cfg: TilingConfig | None = None)
         def run(ys: Span, xs: Span) -> tuple[Tensor]:
             return (vae.decode_frames(_crop(z, ys, xs, 1), StreamCache()),)
 
-    (canvas,) = _blend_tiles(h, w, cfg, SPATIAL_FACTOR, ref.device, run)
+    (canvas,) = _blend_tiles(h, w, cfg, SPATIAL_FACTOR, ref.device, run, tick)
     return canvas[0].clamp_(-1.0, 1.0)
 
 
 @torch.no_grad()
-def tiled_encode(vae: TiledVAE, video: Tensor, cfg: TilingConfig | None = None) -> tuple[Tensor, Tensor]:
+def tiled_encode(vae: TiledVAE, video: Tensor, cfg: TilingConfig | None = None,
+                 tick=None) -> tuple[Tensor, Tensor]:
     """Video [3, T, H, W] in [-1, 1] -> (latent [t, h, w, 48] normalised, log_var [48, t, h, w] raw),
     fp32, encoded in spatial tiles of `cfg.tile` latent cells (16·tile pixels).
 
@@ -296,7 +301,7 @@ def tiled_encode(vae: TiledVAE, video: Tensor, cfg: TilingConfig | None = None) 
             return (_stream(tile, _encoder_bounds(frames), StreamCache(),
                             lambda chunk, c, first: vae.encoder.high_res(chunk, c)),)
 
-        (feats,) = _blend_tiles(h, w, cfg, 1, ref.device, run)
+        (feats,) = _blend_tiles(h, w, cfg, 1, ref.device, run, tick)
         t = feats.shape[2]
         low = _stream(feats.to(ref.dtype), list(range(t + 1)), StreamCache(),
                       lambda chunk, c, first: vae.encoder.low_res(chunk, c))
@@ -306,6 +311,6 @@ def tiled_encode(vae: TiledVAE, video: Tensor, cfg: TilingConfig | None = None) 
         def run(ys: Span, xs: Span) -> tuple[Tensor, Tensor]:
             return vae.encode_frames(_crop(x, ys, xs, SPATIAL_FACTOR), StreamCache())
 
-        mu, log_var = _blend_tiles(h, w, cfg, 1, ref.device, run)
+        mu, log_var = _blend_tiles(h, w, cfg, 1, ref.device, run, tick)
     latent = vae.normalize(mu)[0].permute(1, 2, 3, 0).contiguous()  # [t, h, w, 48]
     return latent, log_var[0].float()

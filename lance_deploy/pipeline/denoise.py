@@ -2,7 +2,8 @@
 
 Prefill every split before the noisy target into a cache (and, for text CFG, a
 second cache without the caption split, at the conditional positions, as upstream
-does); then at each step run the target split `[vision_start, latents, vision_end]`
+does; with a negative prompt, the prefix of the negative sequence at its own
+positions); then at each step run the target split `[vision_start, latents, vision_end]`
 as one bidirectional query against each cache without writing to it.
 """
 
@@ -36,6 +37,9 @@ class DenoiseInputs:
     latents: torch.Tensor  # [n_vae, 48]: noise on target rows, clean latents on condition rows
     vit_indexes: torch.Tensor | None = None
     vit_tokens: torch.Tensor | None = None  # [n_vit, D]
+    # The CFG branch as a sequence of its own (a negative prompt): same blocks, same latents and ViT
+    # tokens, its own token ids, splits and positions. None: upstream's caption-free branch above.
+    negative: DenoiseInputs | None = None
 
 
 @dataclass
@@ -117,14 +121,24 @@ def denoise(
     seq = _prefix_embeddings(model, inp, t_start, torch.zeros(x.shape[0], device=device))
     prefix = splits[:target]
     cache = _prefill(model, seq, inp, prefix, keep=lambda s: True)
-    use_cfg = sampler.cfg_scale > 1.0 and inp.uncond_rope_pos is not None
+    use_cfg = sampler.cfg_scale > 1.0 and (inp.uncond_rope_pos is not None or inp.negative is not None)
     uncond_cache = None
-    if use_cfg:
+    n_query = t_end - t_start
+    if use_cfg and inp.negative is not None:
+        neg = inp.negative
+        n_splits = _splits(neg)
+        n_target = next(i for i, s in enumerate(n_splits) if s[2] == "noise")
+        n_start = n_splits[n_target][0]
+        n_seq = _prefix_embeddings(model, neg, n_start, torch.zeros(x.shape[0], device=device))
+        uncond_cache = _prefill(model, n_seq, neg, n_splits[:n_target], keep=lambda s: True)
+        uncond_pos = neg.rope_pos[:, n_start : n_start + n_query]
+    elif use_cfg:
         modality = inp.token_modality
         uncond_cache = _prefill(model, seq, inp, prefix, keep=lambda s: int(modality[s]) != CAPTION_MODALITY)
+        lu = uncond_cache.length
+        uncond_pos = inp.uncond_rope_pos[:, lu : lu + n_query]
 
     on_phase("denoise")
-    n_query = t_end - t_start
     marker_ids = inp.token_ids[[t_start, t_end - 1]]
     markers = model.embed_tokens(marker_ids)
     gen_rows = torch.arange(1, n_query - 1, device=device)
@@ -132,9 +146,6 @@ def denoise(
         def query_fn(q, pos, kv):
             return model.forward_chunk(q, pos, kv, causal=False, gen_rows=gen_rows, update_cache=False)
     cond_pos = inp.rope_pos[:, t_start:t_end]
-    if use_cfg:
-        lu = uncond_cache.length
-        uncond_pos = inp.uncond_rope_pos[:, lu : lu + n_query]
 
     timesteps, dts = flow_schedule(sampler.steps, sampler.shift)
     _check_finite(x, "before the first denoising step (the noise or the encoded condition)")

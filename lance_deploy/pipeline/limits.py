@@ -56,7 +56,9 @@ def real(option: str, value, lo: float, hi: float, *, lo_open: bool = False) -> 
 
 
 def text(option: str, value: str | None) -> None:
-    """A caption / question / system prompt within MAX_TEXT_CHARS."""
+    """A caption / question / system prompt: text, within MAX_TEXT_CHARS."""
+    if value is not None and not isinstance(value, str):
+        raise LanceUsageError(f"{option}: expected text, got {type(value).__name__}")
     if value is not None and len(value) > MAX_TEXT_CHARS:
         raise LanceUsageError(f"{option} is {len(value):,} characters; the limit is {MAX_TEXT_CHARS:,}")
 

@@ -24,6 +24,7 @@ from lance_deploy.pipeline.components import (
 from lance_deploy.pipeline.denoise import DenoiseInputs, DenoiseTrace, denoise
 from lance_deploy.pipeline.encode import EncodedMedia, encode_media
 from lance_deploy.pipeline.progress import step_bar
+from lance_deploy.pipeline.provenance import LoadInfo, output_metadata
 from lance_deploy.pipeline.sequence import (
     build_generation_sequence,
     build_understanding_sequence,
@@ -49,6 +50,7 @@ class GenerationOutput:
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     trace: DenoiseTrace | None = None
+    meta: dict = field(default_factory=dict)  # the parameters the output files carry (`provenance`)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class UnderstandingOutput:
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     prompt_tokens: int = 0  # the rendered prompt's length (usage reports)
+    meta: dict = field(default_factory=dict)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -97,6 +100,7 @@ class LancePipeline:
         self.residency = None  # runtime.residency.ExpertResidency when a budget needs streaming
         self.spans: dict = {}
         self.phase_observers: list = []  # f(phase) before each phase's residency swap (rehearsals)
+        self.load_info = LoadInfo()  # from_path fills it in: the model named in every output's metadata
 
     @classmethod
     def from_path(cls, path, task: str | tuple[str, ...], *, vit=None, vae=None, device=None,
@@ -119,11 +123,11 @@ class LancePipeline:
         video = any(t in VIDEO_TASKS for t in tasks)
         if is_artifact(path):
             components = load_artifact_components(path, union_spec(tasks), dtype=dt, device=load_dev)
-            model_dir = Path(path)
+            info = LoadInfo(path=Path(path), artifact=True)
         else:
             layout = discover(path, vit=vit, vae=vae, variant="video" if video else None)
             components = load_components(layout, union_spec(tasks), dtype=dt, device=load_dev)
-            model_dir = layout.model_dir
+            info = LoadInfo(path=layout.model_dir, layout=layout)
         if video and components.variant != "video":
             raise LanceUsageError(
                 f"{', '.join(tasks)} needs the video model (Lance_3B_Video), but {path} holds the image model")
@@ -135,6 +139,7 @@ class LancePipeline:
         pipe = cls.from_components(components, tasks, device=dev, dtype=dt, backend=backend, memory_plan=memory_plan,
                                    compile=compile)
         pipe.load_seconds = time.perf_counter() - start
+        pipe.load_info = info
         return pipe
 
     @staticmethod
@@ -207,17 +212,14 @@ class LancePipeline:
         seq = build_generation_sequence(
             self.c.tokenizer, req.task, req.prompt, target_grid=target,
             vit_grids=media.vit_grids, source_grids=[tuple(s.shape[:3]) for s in media.source_latents],
+            negative_prompt=req.negative_prompt,
         )
         timings["encode_s"] = time.perf_counter() - t0
         latents = self._initial_latents(req, seq, media)
-        inp = DenoiseInputs(
-            token_ids=seq.token_ids, split_lens=seq.split_lens, attn_modes=seq.attn_modes,
-            token_modality=seq.token_modality, rope_pos=seq.rope_pos,
-            uncond_rope_pos=seq.uncond_rope_pos if req.sampler.cfg_scale > 1.0 else None,
-            text_indexes=seq.text_indexes, vae_indexes=seq.vae_indexes, target_indexes=seq.target_indexes,
-            vae_grids=[b.grid for b in seq.vae_blocks], latents=latents,
-            vit_indexes=seq.vit_indexes, vit_tokens=media.vit_tokens,
-        )
+        cfg = req.sampler.cfg_scale > 1.0
+        inp = _denoise_inputs(seq, latents, media.vit_tokens, uncond=cfg)
+        if cfg and seq.negative is not None:
+            inp.negative = _denoise_inputs(seq.negative, latents, media.vit_tokens, uncond=False)
         query_fn = None if self.backend is None else self.backend.query_fn(self.c.lm)  # may export graphs first
         t1 = time.perf_counter()
         rec = DenoiseTrace() if trace else None
@@ -236,7 +238,15 @@ class LancePipeline:
         frames = to_uint8(pixels.float().cpu())
         timings["vae_decode_s"] = time.perf_counter() - t2
         return GenerationOutput(frames=frames, latents=[b.cpu() for b in blocks], timings=timings,
-                                notes=req.notes + media.notes, trace=rec)
+                                notes=req.notes + media.notes, trace=rec,
+                                meta=self.output_metadata(req, frames.shape[:3]))
+
+    def output_metadata(self, req: TaskRequest, shape=(None, None, None)) -> dict:
+        """The parameters JSON of an output of `req` with `shape` = (frames, height, width)."""
+        n, h, w = (None if v is None else int(v) for v in shape)
+        return output_metadata(req, self.load_info, backend=getattr(self.backend, "name", None) or "torch",
+                               dtype=str(self.dtype).removeprefix("torch."), device=self.device.type,
+                               frames=n, height=h, width=w)
 
     def _target_grid(self, req: TaskRequest, media: EncodedMedia) -> tuple[int, int, int]:
         if req.task in ("t2i", "t2v"):
@@ -288,9 +298,20 @@ class LancePipeline:
         ids = res.token_ids[:-1] if res.token_ids and res.token_ids[-1] == tok.im_end else res.token_ids
         return UnderstandingOutput(text=tok.decode(ids), token_ids=res.token_ids, logits=res.logits,
                                    prompt_tokens=int(seq.prompt_ids.numel()),
-                                   timings=timings, notes=req.notes + media.notes)
+                                   timings=timings, notes=req.notes + media.notes, meta=self.output_metadata(req))
 
 
+
+
+def _denoise_inputs(seq, latents, vit_tokens, *, uncond: bool) -> DenoiseInputs:
+    return DenoiseInputs(
+        token_ids=seq.token_ids, split_lens=seq.split_lens, attn_modes=seq.attn_modes,
+        token_modality=seq.token_modality, rope_pos=seq.rope_pos,
+        uncond_rope_pos=seq.uncond_rope_pos if uncond else None,
+        text_indexes=seq.text_indexes, vae_indexes=seq.vae_indexes, target_indexes=seq.target_indexes,
+        vae_grids=[b.grid for b in seq.vae_blocks], latents=latents,
+        vit_indexes=seq.vit_indexes, vit_tokens=vit_tokens,
+    )
 
 
 def _ticks(bar, on_step, total: int):

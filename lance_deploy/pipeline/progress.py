@@ -1,20 +1,15 @@
-"""Progress bars for long loops (tqdm on stderr; silent when disabled)."""
+"""Progress bars for long loops: `core.progress` (tqdm on stderr, JSON events under `--json`,
+silent when disabled), with the per-step callback the denoise and decode loops take."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+from lance_deploy.core.progress import bar
+
 
 @contextmanager
-def step_bar(total: int, desc: str, enabled: bool = True):
-    """Yield a `tick(i)` callback that advances a bar of `total` steps."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
-    try:
-        yield lambda _i: bar.update(1)
-    finally:
-        bar.close()
+def step_bar(total: int, desc: str, enabled: bool | None = True, unit: str = "step"):
+    """Yield a `tick(i)` callback that advances a bar of `total` steps (None when silent)."""
+    with bar(total, desc, unit=unit, enabled=enabled) as b:
+        yield None if b is None else (lambda _i: b.update(1))

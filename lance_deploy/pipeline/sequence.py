@@ -83,6 +83,9 @@ class GenSequence:
     target_split: int  # index of the 'noise' split
     caption_split: int | None  # index of the caption split (None for an empty caption)
     uncond: UncondBranch
+    # With a negative prompt, the CFG branch is this whole sequence (the same template and blocks with
+    # the negative text as the caption), run like the conditional one; `uncond` then goes unused.
+    negative: GenSequence | None = None
 
     @property
     def uncond_token_ids(self) -> torch.Tensor:
@@ -136,6 +139,7 @@ def build_generation_sequence(
     source_grids: Sequence[tuple[int, int, int]] = (),
     tokens_per_second: int = 2,
     merge: int = 2,
+    negative_prompt: str | None = None,
 ) -> GenSequence:
     """Build the packed sequence of a generation task.
 
@@ -143,9 +147,18 @@ def build_generation_sequence(
     [T/2, H/14, W/14] and `source_grids` latent grids of the edit sources (one ViT
     and one VAE block per source, in that order). i2v's image enters only as the
     clean first latent frame of the target, so it takes neither.
+
+    `negative_prompt` (non-empty) also builds `negative`: the same sequence with that text as the
+    caption, which the CFG branch then runs instead of upstream's caption-free one.
     """
     blocks = generation_blocks(task, target_grid, vit_grids, source_grids, merge)
     check_user_text("prompt", prompt)
+    negative = None
+    if negative_prompt:
+        check_user_text("negative prompt", negative_prompt)
+        negative = build_generation_sequence(tok, task, negative_prompt, target_grid=target_grid, vit_grids=vit_grids,
+                                             source_grids=source_grids, tokens_per_second=tokens_per_second,
+                                             merge=merge)
     rendered = render_generation_prompt(task, prompt, len(blocks) - 1)
     layout = lay_out(tok, rendered, blocks, caption=prompt)
     grids = [b.rope_grid for b in blocks]
@@ -169,7 +182,7 @@ def build_generation_sequence(
         **_index_tensors(layout, vae_blocks, vit_blocks),
         rope_pos=pos, rope_pos_raw=raw, rope_grids=grids,
         vae_blocks=vae_blocks, vit_blocks=vit_blocks, target_split=target_split,
-        caption_split=_caption_split(layout), uncond=uncond,
+        caption_split=_caption_split(layout), uncond=uncond, negative=negative,
     )
 
 

@@ -80,6 +80,7 @@ class TaskRequest:
 
     task: str
     prompt: str | None = None  # caption (t2i/t2v/i2v) or instruction (edits)
+    negative_prompt: str | None = None  # text-CFG's unconditional caption (None / "": upstream's, none)
     question: str | None = None  # x2t
     system: str | None = None  # x2t system prompt
     image: np.ndarray | None = None  # uint8 [H, W, 3]
@@ -110,6 +111,10 @@ class TaskRequest:
             raise LanceUsageError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
         self._validate_texts(tokenizer)
         self._validate_sampler()
+        if self.negative_prompt and self.sampler.cfg_scale <= 1.0:
+            note = "--negative-prompt has no effect with --cfg 1 or less (text CFG is off)"
+            if note not in self.notes:
+                self.notes.append(note)
         self.max_new_tokens = limits.integer("--max-new-tokens", self.max_new_tokens, 1, limits.MAX_NEW_TOKENS)
         self._validate_buckets()
         if self.task in ("t2i", "t2v"):
@@ -127,7 +132,10 @@ class TaskRequest:
             self.system = self.system or DEFAULT_SYSTEM[self.task]
         elif not self.prompt:
             raise LanceUsageError(f"{self.task} needs --prompt TEXT")
-        texts = (("--prompt", self.prompt), ("--question", self.question), ("--system", self.system))
+        if self.negative_prompt and self.task in UNDERSTANDING_TASKS:
+            raise LanceUsageError(f"--negative-prompt: {self.task} has no CFG branch; drop it")
+        texts = (("--prompt", self.prompt), ("--negative-prompt", self.negative_prompt), ("--question", self.question),
+                 ("--system", self.system))
         for option, value in texts:
             limits.text(option, value)
         if tokenizer is not None:

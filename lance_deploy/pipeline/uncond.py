@@ -3,6 +3,10 @@
 Text-CFG drops the caption tokens (modality 0). Upstream's default KV-cache path
 and its non-KV path disagree on positions (0.6-4.5 % rel-L2 on final latents);
 the goldens follow the KV path, which this module describes exactly.
+
+This is the branch without a negative prompt (upstream's only one). A negative prompt replaces
+it by a whole sequence, `GenSequence.negative`: the same template with the negative text as the
+caption, prefilled and queried at its own positions like the conditional sequence.
 """
 
 from __future__ import annotations

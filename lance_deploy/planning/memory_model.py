@@ -100,8 +100,9 @@ def forward_bytes(s: LLMShape, n: int, b: int, *, gen_rows: int = 0, cached: int
         "qk_norm": x + h + gather + m * qkv * b + 3 * m * q * F32,
         "qkv_cat": x + h + gather + m * qkv * (b + F32) + m * qkv * F32 + (2 * n * qkv * F32 if mixed else 0),
         "rope": x + h + n * qkv * F32 + 3 * n * q * F32,
-        # `attend` concatenates cache + chunk K/V per layer; the fp32 qkv stays referenced meanwhile
-        "attention": x + h + n * qkv * (F32 + b) + 2 * keys * s.kv_heads * s.head_dim * b + kernel + n * q * b,
+        # `attend` concatenates cache + chunk K/V per layer; `MoTLayer.pre_attention` has returned,
+        # so `h` and the fp32 qkv are gone and only the rotated q / k / v (at b) remain
+        "attention": x + n * qkv * b + 2 * keys * s.kv_heads * s.head_dim * b + kernel + n * q * b,
     }
     rope_tables = 2 * n * s.head_dim * F32
     build = 6 * 3 * n * s.head_dim * F32  # mrope_cos_sin intermediates, before the first layer

@@ -85,6 +85,7 @@ class ModelInfo:
     vision: VisionConfig
     tokenizer: LanceTokenizer
     manifest: object | None = None  # export.artifact_manifest.ArtifactManifest for an artifact
+    stored: dict = field(default_factory=dict)  # release key -> packed bytes (`with_packed`)
     _entries: dict = field(default_factory=dict)
     _inventories: dict = field(default_factory=dict)
 
@@ -131,7 +132,15 @@ class ModelInfo:
     @property
     def packed(self) -> bool:
         """Whether the weights themselves are stored packed (an artifact with quantized tensors)."""
+        if self.stored:
+            return True
         return self.manifest is not None and any(t.spec is not None for t in self.manifest.tensors)
+
+    def with_packed(self, stored: dict[str, int]) -> ModelInfo:
+        """This release as an artifact storing the tensors named in `stored` (release keys) packed
+        at those byte counts would plan (what its manifest would say; the rest at the load
+        dtype): the rehearsal plans a recipe's exact formats without quantizing 12 GB."""
+        return ModelInfo(self.layout, self.cfg, self.vision, self.tokenizer, self.manifest, dict(stored))
 
     def _has(self, part: str) -> bool:
         if self.layout is not None:
@@ -152,8 +161,10 @@ class ModelInfo:
                 self._entries[dtype] = manifest_entries(self.manifest, dtype)
             else:
                 everything = union_spec(TASKS)
-                self._entries[dtype] = release_entries(self.layout, dtype, replace(
+                entries = release_entries(self.layout, dtype, replace(
                     everything, vit=self._has("vit"), vae_encoder=self._has("vae"), vae_decoder=self._has("vae")))
+                self._entries[dtype] = [replace(e, nbytes=self.stored[e.name]) if e.name in self.stored else e
+                                        for e in entries]
         return self._entries[dtype]
 
     def inventory(self, task: str, dtype: torch.dtype, recipe: str | None = None) -> WeightInventory:

@@ -22,8 +22,9 @@ from torch import nn
 
 from lance_deploy.checkpoint.layout import discover
 from lance_deploy.config import LLMConfig
-from lance_deploy.core.units import GiB, parse_size
-from lance_deploy.formats import FormatSpec, PackedTensor, layout
+from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.units import parse_size
+from lance_deploy.formats import PackedTensor, layout, nbytes
 from lance_deploy.formats.qlinear import QLinear
 from lance_deploy.model.lance import LanceLM
 from lance_deploy.model.meta import build_on_meta
@@ -33,8 +34,13 @@ from lance_deploy.pipeline.sampler import SamplerConfig
 from lance_deploy.pipeline.sequence import build_generation_sequence
 from lance_deploy.pipeline.tasks import SPECS, VIDEO_TASKS, TaskRequest
 from lance_deploy.pipeline.tokenizer import LanceTokenizer
+from lance_deploy.planning.memory_plan import (
+    MemoryPlan,
+    ModelInfo,
+    PlanRequest,
+    make_plan,
+)
 from lance_deploy.planning.planner import FRAGMENTATION, WORKSPACE
-from lance_deploy.planning.request import plan_memory
 from lance_deploy.runtime.fake_cuda import FakeCuda
 
 UNLIMITED = 1 << 50  # "all resident": a budget nothing exceeds
@@ -95,6 +101,21 @@ def request(task: str, height: int | None = None, width: int | None = None, fram
         req.height = req.width = None if media else req.height
         req.frames = None if media == "video" else req.frames
     return req.validate()
+
+
+def parse_task(spec: str) -> tuple[str, int | None, int | None, int | None]:
+    """'t2v:480x848x121' -> ('t2v', 480, 848, 121); sizes left out are the task's headline size."""
+    task, _, size = spec.partition(":")
+    if task not in SPECS:
+        raise LanceUsageError(f"task {spec!r}: expected one of {', '.join(SPECS)}, optionally :HxW[xFRAMES]")
+    try:
+        dims = [int(v) for v in size.split("x")] if size else []
+    except ValueError:
+        dims = [0]
+    if not 0 < len(dims) <= 3 and size or any(d <= 0 for d in dims):
+        raise LanceUsageError(f"task {spec!r}: the size must be HxW or HxWxFRAMES in positive integers")
+    h, w, f = (dims + [None, None, None])[:3]
+    return task, h, w, f
 
 
 def text_tokens(tok: LanceTokenizer, req: TaskRequest) -> dict:
@@ -165,19 +186,56 @@ def fake_components(model, task: str, mode: FakeCuda, *, device, dtype=torch.bfl
 
 
 # -- one rehearsal ---------------------------------------------------------------------------------
-def rehearse(model, task: str, budget=None, *, req: TaskRequest | None = None, recipe: str | None = None,
-             formats: dict | None = None, markers: str = "auto", dtype=torch.bfloat16,
+def packed_bytes(lm_formats: dict, shapes: dict) -> dict[str, int]:
+    """{release key: stored bytes} of the packed Linears in `lm_formats` (what an artifact's
+    manifest records for them: the format's fields, plus `smooth` where the recipe stores one)."""
+    out = {}
+    for path, (spec, smooth) in lm_formats.items():
+        shape = shapes[path]
+        out[f"{path}.weight"] = nbytes(shape, spec) + (4 * shape[1] if smooth else 0)
+    return out
+
+
+def planner_info(model, task: str, formats: dict | None = None) -> ModelInfo:
+    """The planner's view of the release at `model` for `task`, with the Linears of `formats`
+    at their packed bytes (as the manifest of an artifact of those formats would list them)."""
+    info = ModelInfo.load(model, task)
+    if not formats:
+        return info
+    spec = SPECS[task]
+    lm = build_on_meta(lambda: LanceLM(info.cfg, with_gen=spec.gen, with_lm_head=spec.lm_head), lambda m: None)
+    return info.with_packed(packed_bytes(formats, {p: tuple(lm.get_submodule(p).weight.shape) for p in formats}))
+
+
+def plan_request(model, req: TaskRequest, budget=None, *, formats: dict | None = None, recipe: str | None = None,
+                 markers: str = "auto", dtype=torch.bfloat16, flash: bool = True) -> MemoryPlan:
+    """The planner's `MemoryPlan` for exactly `req` (its caption / question lengths included)
+    under `budget` (None: all resident); `formats` / `recipe` as in `rehearse`."""
+    info = planner_info(model, req.task, formats)
+    s = req.sampler
+    b = UNLIMITED if budget is None else parse_size(budget)
+    return make_plan(info, PlanRequest(req.task, b, req.height, req.width, req.frames, cfg=s.cfg_scale,
+                                       steps=s.steps, dtype=dtype, recipe=recipe, flash=flash, preset=req.preset,
+                                       max_new_tokens=req.max_new_tokens, markers=markers,
+                                       **text_tokens(info.tokenizer, req)))
+
+
+def rehearse(model, task: str, budget=None, *, req: TaskRequest | None = None, formats: dict | None = None,
+             label: str | None = None, recipe: str | None = None, markers: str = "auto", dtype=torch.bfloat16,
              capability=(9, 0)) -> Rehearsal:
     """Plan `req` (default: `request(task)`) under `budget` (None: all resident), run it on fake
-    CUDA, and return the rehearsed and planned peak of every phase. `recipe` names the planner's
-    hypothetical recipe matching `formats` (the packed Linears the components get)."""
+    CUDA, and return the rehearsed and planned peak of every phase.
+
+    `formats` ({LanceLM module path: (FormatSpec, smooth?)}) packs those Linears as a quantized
+    artifact would store them, and the planner plans exactly those stored bytes
+    (`ModelInfo.with_packed`). `recipe` instead asks the planner about its hypothetical
+    `--weights` recipe (fp8 / int8 / int4) over the same `formats`."""
     req = req or request(task)
-    tok = LanceTokenizer.from_dir(discover(model, variant="video" if task in VIDEO_TASKS else "image").tokenizer_dir)
-    b = UNLIMITED if budget is None else parse_size(budget)
-    s = req.sampler
-    mp = plan_memory(model, task, req.height, req.width, req.frames, b, cfg=s.cfg_scale, dtype=dtype,
-                     steps=s.steps, preset=req.preset, max_new_tokens=req.max_new_tokens, recipe=recipe,
-                     markers=markers, flash=capability >= (8, 0), **text_tokens(tok, req))
+    mp = plan_request(model, req, budget, formats=None if recipe else formats, recipe=recipe, markers=markers,
+                      dtype=dtype, flash=capability >= (8, 0))
+    if not mp.fits:
+        raise LanceUsageError(f"{task} under {budget}: {mp.suggestion}")
+    b = mp.plan.budget
     plan = mp if budget is not None else None
     mode = FakeCuda(capability)
     with mode:
@@ -190,25 +248,22 @@ def rehearse(model, task: str, budget=None, *, req: TaskRequest | None = None, r
         pipe(req, progress=False)
         peaks = mode.memory.peaks()
         ledger = pipe.residency.ledger.phase_peak if pipe.residency is not None else {}
-    # without phase residency every loaded component is on the device in every phase (the
-    # embeddings too): the planner's phase rest plus all weights, as MemoryPlan.resident_peak
-    everything = sum(mp.inventory.components.values()) if pipe.residency is None else None
-    rows = []
-    for p in mp.plan.phases:
-        total = p.total if everything is None else p.total - p.weights - p.buffers + everything
-        planned = total - int(FRAGMENTATION * (p.activations + p.vae)) - WORKSPACE
-        rows.append(PhaseRow(p.name, peaks.get(p.name, 0), planned, total, ledger.get(p.name)))
-    return Rehearsal(task, None if budget is None else b, recipe, rows, pipe.residency is not None,
+    rows = [PhaseRow(name, peaks.get(name, 0), alloc, total, ledger.get(name))
+            for name, (alloc, total) in planned_peaks(mp, pipe.residency is not None).items()]
+    return Rehearsal(task, None if budget is None else b, label or recipe, rows, pipe.residency is not None,
                      dict(mode.sdpa), dict(mode.syncs), dict(mode.engine.calls), load_bytes)
 
 
-def table(results: list[Rehearsal]) -> str:
-    """Markdown: task x budget x recipe, per phase rehearsed / planned (allocated) and their ratio."""
-    lines = ["| task | budget | weights | phase | rehearsed GiB | planned GiB | ratio | planner total GiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        budget = "resident" if r.budget is None else f"{r.budget / GiB:.0f} GiB"
-        for row in r.rows:
-            lines.append(f"| {r.task} | {budget} | {r.recipe or 'bf16'} | {row.phase} | {row.rehearsed / GiB:.2f} | "
-                         f"{row.planned / GiB:.2f} | {row.ratio:.3f} | {row.planned_total / GiB:.2f} |")
-    return "\n".join(lines)
+def planned_peaks(mp, residency: bool) -> dict[str, tuple[int, int]]:
+    """phase -> (allocated, total): the planner's peak of each phase for a run with or without
+    phase residency. Allocated is what `torch.cuda.max_memory_allocated` (and the rehearsal's live
+    tensors) should reach: the total less the allowances for caching-allocator slack and library
+    workspaces, which only `max_memory_reserved` sees."""
+    # without phase residency every loaded component is on the device in every phase (the
+    # embeddings too): the planner's phase rest plus all weights, as MemoryPlan.resident_peak
+    everything = None if residency else sum(mp.inventory.components.values())
+    out = {}
+    for p in mp.plan.phases:
+        total = p.total if everything is None else p.total - p.weights - p.buffers + everything
+        out[p.name] = (total - int(FRAGMENTATION * (p.activations + p.vae)) - WORKSPACE, total)
+    return out

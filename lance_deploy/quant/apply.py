@@ -48,6 +48,7 @@ def linear_jobs(entries) -> dict[str, LinearJob]:
 class LayerResult:
     packed: dict[str, PackedTensor]  # module path -> packed weight
     norms: dict[str, torch.Tensor]  # norm module path -> folded weight
+    act_amax: dict[str, float] = field(default_factory=dict)  # W8A8 module path -> calibrated input amax
 
 
 def _one(job: LinearJob, w: torch.Tensor, stats: LayerStats | None) -> PackedTensor:

@@ -18,6 +18,7 @@ from lance_deploy.calibrate.collect import TEXT_FIELD
 from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
 from lance_deploy.calibrate.record import recording
 from lance_deploy.calibrate.replay import run_layer
+from lance_deploy.core.progress import bar
 from lance_deploy.core.tasks import OUTPUT_FRAME_TASKS
 from lance_deploy.pipeline.pipeline import LancePipeline
 from lance_deploy.pipeline.sampler import SamplerConfig
@@ -109,26 +110,35 @@ def _mean(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate(reference: LancePipeline, quantized: LancePipeline, s: EvalSettings, media: dict) -> EvalReport:
+def evaluate(reference: LancePipeline, quantized: LancePipeline, s: EvalSettings, media: dict,
+             progress: bool | None = None) -> EvalReport:
     """Run every held-out request on both pipelines; `media` holds an 'image' and/or 'video' input."""
     report = EvalReport()
-    for task in s.tasks:
-        rows = []
-        entries = select(load_prompt_set(task, s.prompts_root, split="heldout"), s.samples, s.seed)
-        for i, entry in enumerate(entries):
-            req = _request(task, entry[TEXT_FIELD[task]], i, s, media)
-            if task in GENERATION_TASKS:
-                ref = reference(req, progress=False, trace=True)
-                q = quantized(_request(task, entry[TEXT_FIELD[task]], i, s, media), progress=False, trace=True)
-                rows.append(_gen_metrics(ref, q))
-                report.images.append((f"{task}-{i}", ref.frames[0], q.frames[0]))
-            else:
-                rows.append(_und_metrics(reference(req, progress=False),
-                                         quantized(_request(task, entry[TEXT_FIELD[task]], i, s, media),
-                                                   progress=False)))
-        report.tasks[task] = _mean(rows)
+    with bar(len(s.tasks) * s.samples, "eval samples", unit="sample", enabled=progress) as b:
+        for task in s.tasks:
+            report.tasks[task] = _evaluate_task(reference, quantized, s, media, task, report, b)
     report.layer_sqnr_db = layer_sqnr(reference, quantized, s, media)
     return report
+
+
+def _evaluate_task(reference, quantized, s: EvalSettings, media: dict, task: str, report: EvalReport, b) -> dict:
+    """One task's held-out samples on both pipelines: the mean of their metrics (images go to `report`)."""
+    rows = []
+    entries = select(load_prompt_set(task, s.prompts_root, split="heldout"), s.samples, s.seed)
+    for i, entry in enumerate(entries):
+        req = _request(task, entry[TEXT_FIELD[task]], i, s, media)
+        if task in GENERATION_TASKS:
+            ref = reference(req, progress=False, trace=True)
+            q = quantized(_request(task, entry[TEXT_FIELD[task]], i, s, media), progress=False, trace=True)
+            rows.append(_gen_metrics(ref, q))
+            report.images.append((f"{task}-{i}", ref.frames[0], q.frames[0]))
+        else:
+            rows.append(_und_metrics(reference(req, progress=False),
+                                     quantized(_request(task, entry[TEXT_FIELD[task]], i, s, media),
+                                               progress=False)))
+        if b is not None:
+            b.update(1)
+    return _mean(rows)
 
 
 def layer_sqnr(reference: LancePipeline, quantized: LancePipeline, s: EvalSettings, media) -> list[float]:

@@ -211,7 +211,7 @@ class JobState:
             for k, t in tensors.items():
                 w.write(k, t)
         fault_point("job.step-written")  # killed here: not in progress.json, so recomputed
-        self.done(step, sha256_file(path))
+        self.done(step, w.sha256 or sha256_file(path))  # hashed while written: no read-back
 
     def load_step(self, step: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """A finished step's tensors and metadata, checked against the recorded sha256."""

@@ -16,9 +16,11 @@ from lance_deploy.calibrate.replay import observe, run_layer
 from lance_deploy.config import LLMConfig
 from lance_deploy.model.mot import MoTLayer
 from lance_deploy.model.tree import INPUT_GROUPS
+from lance_deploy.quant.act_amax import install_amax, observe_w8a8_inputs
 from lance_deploy.quant.algorithms.registry import CALIBRATED, HESSIAN
 from lance_deploy.quant.algorithms.stats import LayerStats
 from lance_deploy.quant.apply import LayerResult, LinearJob, install, quantize_layer
+from lance_deploy.quant.dequant_once import weights_built_once
 
 
 def _stats_factory(layer: MoTLayer, jobs: dict[str, LinearJob], stats: dict, reservoir: int):
@@ -37,19 +39,34 @@ def _stats_factory(layer: MoTLayer, jobs: dict[str, LinearJob], stats: dict, res
 def quantize_one_layer(
     layer: MoTLayer, jobs: dict[str, LinearJob], cfg: LLMConfig, programs: list[Program],
     hidden: list[list[torch.Tensor]], device: torch.device, reservoir: int = 512,
+    amax: tuple[str, float] = ("max", 99.99),
 ) -> tuple[LayerResult, list[list[torch.Tensor]]]:
-    """Calibrate and quantize `layer` in place; returns its packed Linears and quantized outputs."""
+    """Calibrate and quantize `layer` in place; returns its packed Linears and quantized outputs.
+
+    With programs, the propagation pass also records each W8A8 Linear's per-tensor input amax
+    (`amax` = (method, percentile), ``quant/act_amax.py``) into the result and the QLinears."""
     stats: dict = {}
     if any(j.algorithm in CALIBRATED for j in jobs.values()):
         handles = observe(layer, _stats_factory(layer, jobs, stats, reservoir))
         try:
-            run_layer(layer, cfg, programs, hidden, device)
+            run_layer(layer, cfg, programs, hidden, device, desc="observe")
         finally:
             for h in handles:
                 h.remove()
     result = quantize_layer(layer, jobs, stats)
     install(layer, result)
-    return result, (run_layer(layer, cfg, programs, hidden, device) if programs else hidden)
+    if not programs:
+        return result, hidden
+    observers, handles = observe_w8a8_inputs(layer)
+    try:
+        with weights_built_once(layer):  # same outputs, one weight build per Linear instead of one per call
+            hidden = run_layer(layer, cfg, programs, hidden, device, desc="propagate")
+    finally:
+        for h in handles:
+            h.remove()
+    result.act_amax = {p: o.value(*amax) for p, o in observers.items()}
+    install_amax(layer, result.act_amax)
+    return result, hidden
 
 
 def quantize_layers(
@@ -60,10 +77,11 @@ def quantize_layers(
     device: torch.device,
     *,
     reservoir: int = 512,
+    amax: tuple[str, float] = ("max", 99.99),
 ) -> Iterator[tuple[int, LayerResult, list[list[torch.Tensor]]]]:
     """Yield (layer index, its packed Linears, the layer's quantized outputs) for every layer."""
     hidden = [[c.x for c in p.calls] for p in programs]
     for index in range(cfg.num_hidden_layers):
         result, hidden = quantize_one_layer(layer_at(index), jobs_for(index), cfg, programs, hidden, device,
-                                            reservoir)
+                                            reservoir, amax)
         yield index, result, hidden

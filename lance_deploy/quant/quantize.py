@@ -9,7 +9,9 @@ same bytes; the artifact is assembled in `<out>.partial/` and renamed when seale
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.checkpoint.vae_keys import check_vae_file
 from lance_deploy.core.faults import fault_point
 from lance_deploy.core.lock import PathLock
+from lance_deploy.core.overlap import WriteBehind, read_ahead
+from lance_deploy.core.progress import bar as progress_bar
 from lance_deploy.formats import PackedTensor
 from lance_deploy.model.mot import MoTLayer
 from lance_deploy.quant.apply import LinearJob, linear_jobs
@@ -33,6 +37,7 @@ from lance_deploy.quant.jobs import JobFingerprint, JobState, source_fingerprint
 from lance_deploy.quant.layerwise import quantize_one_layer
 from lance_deploy.quant.plan import QuantPlan, resolve_plan
 from lance_deploy.quant.recipe import Recipe
+
 
 @dataclass
 class QuantizeResult:
@@ -142,8 +147,6 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     chosen by measured sensitivity within that many weight bytes (``quant/budget.py``); the
     calibration programs recorded for the measurement are reused.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     if budget is not None:
         from lance_deploy.quant.budget import resolve_budget
@@ -158,7 +161,7 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     plan = resolve_plan(cn.layout_shapes(layout), recipe)
     device = torch.device(device)
     if recipe.needs_calibration and programs is None:
-        programs = _calibration_programs(layout, recipe, job, device, progress)
+        programs = _calibration_programs(layout, recipe, job, device, progress, plan)
     programs = programs or []
     hidden = [[c.x for c in p.calls] for p in programs]
     read, lance = _shared_source(layout)
@@ -167,30 +170,66 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     writer = ArtifactWriter(out_dir, overwrite=overwrite, num_layers=cfg.num_hidden_layers, owner=owner)
     writer.declare_plan(plan.entries)
     resumed = 0
-    with tqdm(total=cfg.num_hidden_layers, desc="quantize layers", unit="layer", disable=not progress) as bar:
-        for e in plan.entries:
-            if cn.layer_of(e.name) is None and e.format != "skip":
-                writer.add(e.name, _store(e, read(e.name)))
+    todo = [i for i in range(cfg.num_hidden_layers) if not job.is_done(f"layer-{i:03d}")]
+    shared = [e for e in plan.entries if cn.layer_of(e.name) is None and e.format != "skip"]
+    # the reader thread loads the next tensors / layers while this thread packs; the write-behind
+    # thread saves each finished layer and streams it into the artifact (core/overlap.py)
+    loads = [(_fp32_bytes([e]), functools.partial(_load_shared, read, e)) for e in shared]
+    loads += [(_fp32_bytes(e for e in plan.entries if cn.layer_of(e.name) == i),
+               functools.partial(load_layer, lance, cfg, i, device=device)) for i in todo]
+    with (contextlib.closing(read_ahead(loads, READ_AHEAD_BYTES)) as source,
+          progress_bar(cfg.num_hidden_layers, "quantize layers", unit="layer", enabled=progress) as bar,
+          WriteBehind() as behind):
+        for e in shared:  # written here, not behind: two 1.24 GB fp32 tables in flight would pass 3 GB
+            writer.add(e.name, next(source))
         for index in range(cfg.num_hidden_layers):
             step = f"layer-{index:03d}"
-            if job.is_done(step):
+            if index not in todo:
                 flat, _ = job.load_step(step)
                 hidden = _restore_hidden(flat, programs, hidden)
                 resumed += 1
-            else:
-                layer = load_layer(lance, cfg, index, device=device)
-                result, hidden = quantize_one_layer(layer, _jobs(plan, index), cfg, programs, hidden, device)
-                flat = _flatten(_layer_tensors(plan, index, layer, result)) | _hidden_tensors(hidden)
-                job.save_step(step, flat)
-                job.done(step)
-                fault_point("quantize.layer-done")
-            for name, value in _unflatten(plan, index, flat).items():
-                writer.add(name, value)
-            bar.update(1)
+                behind.submit(functools.partial(_add_layer, writer, plan, index, flat, bar))
+                continue
+            layer = next(source)
+            result, hidden = quantize_one_layer(layer, _jobs(plan, index), cfg, programs, hidden, device,
+                                                amax=_amax_choice(recipe))
+            flat = (_flatten(_layer_tensors(plan, index, layer, result)) | _hidden_tensors(hidden)
+                    | _amax_tensors(plan, index, result))
+            del layer, result
+            behind.submit(functools.partial(_save_layer, job, step, writer, plan, index, flat, bar))
     summary = _calibration_summary(programs, recipe)
     writer.seal(**owner, calibration=summary, source_dir=layout.model_dir)
     notes = (writer.recovered,) if writer.recovered else ()
     return QuantizeResult(out_dir, plan, time.perf_counter() - start, resumed, summary, notes)
+
+
+READ_AHEAD_BYTES = 5 << 28
+"""fp32 bytes loaded ahead of the packing loop: one full-size decoder layer (0.62 GB) beside the
+one being packed, or one embedding table alone (1.24 GB), so peak RSS stays under 3 GB (measured
+in docs/benchmarks.md)."""
+
+
+def _load_shared(read, entry):
+    return _store(entry, read(entry.name))
+
+
+def _fp32_bytes(entries) -> int:
+    return sum(4 * math.prod(e.shape) for e in entries)
+
+
+def _save_layer(job: JobState, step: str, writer: ArtifactWriter, plan: QuantPlan, index: int, flat, bar) -> None:
+    """Write-behind: the layer's resume step first (then it counts as done), then its artifact tensors."""
+    job.save_step(step, flat)
+    fault_point("quantize.layer-done")
+    _add_layer(writer, plan, index, flat, bar)
+
+
+def _add_layer(writer: ArtifactWriter, plan: QuantPlan, index: int, flat, bar) -> None:
+    for name, value in _unflatten(plan, index, flat).items():
+        amax = flat.get(f"{AMAX_KEY}.{name}")
+        writer.add(name, value, activation_amax=None if amax is None else float(amax))
+    if bar is not None:
+        bar.update(1)
 
 
 def _open_job(model_path, recipe: Recipe, work_dir: Path, vit, vae, device, restart: bool):
@@ -216,6 +255,19 @@ def calibrate(model_path, recipe: Recipe, work_dir, *, device="cpu", restart=Fal
                                     recipe)
 
 
+AMAX_KEY = "act_amax"  # job-step key prefix of a W8A8 Linear's calibrated input amax (so a resume keeps it)
+
+
+def _amax_choice(recipe: Recipe) -> tuple[str, float]:
+    return recipe.calibration.amax_choice if recipe.calibration is not None else ("max", 99.99)
+
+
+def _amax_tensors(plan: QuantPlan, index: int, result) -> dict[str, torch.Tensor]:
+    names = {cn.module_path(e.name): e.name for e in plan.entries
+             if cn.layer_of(e.name) == index and cn.is_linear_weight(e.name)}
+    return {f"{AMAX_KEY}.{names[p]}": torch.tensor(v, dtype=torch.float64) for p, v in result.act_amax.items()}
+
+
 def _hidden_tensors(hidden) -> dict[str, torch.Tensor]:
     return {f"hidden.{p}.{c}": h.contiguous() for p, calls in enumerate(hidden) for c, h in enumerate(calls)}
 
@@ -237,13 +289,24 @@ def _calibration_summary(programs, recipe: Recipe) -> dict:
             "steps_observed": steps, "cfg_branches": sorted({c.cache for p in programs for c in p.calls})}
 
 
-def _calibration_programs(layout, recipe: Recipe, job: JobState, device, progress: bool):
+def _calibration_programs(layout, recipe: Recipe, job: JobState, device, progress: bool, plan: QuantPlan | None = None):
+    """The recorded programs (saved in the job); before recording the rest, an estimate from a
+    probe of the first runs, and of layer 0 when `plan` is given (``quant/estimate.py``)."""
     from lance_deploy.calibrate.collect import collect_calibration
     from lance_deploy.calibrate.store import load_programs, save_programs
+    from lance_deploy.core.progress import shown
+    from lance_deploy.quant.estimate import announce, estimate
 
     if job.is_done("calibration"):
         return load_programs(*job.load_step("calibration"))
-    programs = collect_calibration(layout, recipe.calibration, device, progress)
+
+    def on_probe(probe) -> None:
+        if shown(progress):
+            jobs = None if plan is None else _jobs(plan, 0)
+            announce(estimate(probe, recipe.calibration.samples_per_task, layout=layout if jobs else None, jobs=jobs,
+                              device=device))
+
+    programs = collect_calibration(layout, recipe.calibration, device, progress, on_probe=on_probe)
     job.save_step("calibration", *save_programs(programs))
     job.done("calibration")
     return programs

@@ -27,12 +27,12 @@ from lance_deploy.calibrate.config import CalibrationConfig
 from lance_deploy.core.schema import SchemaError as RecipeError
 from lance_deploy.core.schema import check_keys, expect, fail, one_of, parse_size
 from lance_deploy.formats.base import ACTIVATION_MODES, FORMAT_NAMES, FormatError
+from lance_deploy.planning.gpus import RECIPES_DIR  # where the shipped recipes live
 from lance_deploy.quant.algorithms.registry import ALGORITHMS, CALIBRATED
 from lance_deploy.quant.rule import QuantChoice, QuantRule
 
 SCHEMA_VERSION = 1
 TARGET_GPUS = ("ada-hopper", "ampere", "any")
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 __all__ = ["ACTIVATION_MODES", "ALGORITHMS", "FORMAT_NAMES", "SCHEMA_VERSION", "TARGET_GPUS", "BudgetConfig",
            "CalibrationConfig", "QuantChoice", "QuantRule", "Recipe", "RecipeError", "load_recipe",
@@ -110,7 +110,10 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(r.algorithm in CALIBRATED for r in self.rules)
+        """A calibrated algorithm, or W8A8 rules with a calibration section (their static activation
+        amax for ``export --target tensorrt`` is recorded from it)."""
+        w8a8 = self.calibration is not None and any(r.activations is not None for r in self.rules)
+        return w8a8 or any(r.algorithm in CALIBRATED for r in self.rules)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form with every default resolved (manifests and job fingerprints use it)."""

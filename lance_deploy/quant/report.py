@@ -52,7 +52,7 @@ def run_eval(reference_path, model_path, out_dir, *, tasks, samples, steps, size
     ref = LancePipeline.from_path(reference_path, load, device=device, dtype="float32")
     quant = LancePipeline.from_path(model_path, tuple(tasks) + ("t2i",), device=device, dtype="float32")
     s = EvalSettings(tasks=tuple(tasks), samples=samples, steps=steps, height=size, width=size)
-    result = evaluate(ref, quant, s, _media(ref, s, {NEEDS[t] for t in tasks if t in NEEDS}))
+    result = evaluate(ref, quant, s, _media(ref, s, {NEEDS[t] for t in tasks if t in NEEDS}), progress=progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []

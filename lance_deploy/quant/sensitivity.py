@@ -37,6 +37,7 @@ import torch
 from lance_deploy.calibrate.record import Program
 from lance_deploy.calibrate.replay import observe, run_layer
 from lance_deploy.checkpoint import canonical as cn
+from lance_deploy.core.progress import bar as progress_bar
 from lance_deploy.model.tree import EXPERTS, INPUT_GROUPS
 from lance_deploy.quant.algorithms.stats import LayerStats
 from lance_deploy.quant.apply import LinearJob, install, linear_jobs, quantize_layer
@@ -158,8 +159,6 @@ def measure(cfg, programs: list[Program], layer_at, plans: list[QuantPlan], grou
     ``layer_at(i)`` returns decoder layer i at full precision (fp32); ``probe[gi]`` is the
     candidate index whose perturbation measures group gi's gain (default: the last candidate).
     """
-    from tqdm import tqdm
-
     table = SensitivityTable(list(groups))
     by_layer: dict[int, list[Group]] = {}
     for g in groups:
@@ -171,14 +170,15 @@ def measure(cfg, programs: list[Program], layer_at, plans: list[QuantPlan], grou
     streams: dict[Group, list[list[torch.Tensor]]] = {}  # g -> perturbed hidden on `sub`
     probe_local: dict[Group, float] = {}
     total = len(by_layer) * (1 + len(plans) * max(len(v) for v in by_layer.values()))
-    with tqdm(total=total, desc="sensitivity", unit="pass", disable=not progress) as bar:
+    with progress_bar(total, "sensitivity", unit="pass", enabled=progress) as bar:
+        tick = bar.update if bar is not None else (lambda n=1: None)
         for index in range(cfg.num_hidden_layers):
             layer = layer_at(index)
             ref = run_layer(layer, cfg, programs, hidden, device)
             for g, h in streams.items():  # earlier perturbations travel through this fp layer
                 streams[g] = run_layer(layer, cfg, sub, h, device)
             stats = _layer_stats(layer, cfg, programs, hidden, device, reservoir) if index in by_layer else {}
-            bar.update(1)
+            tick(1)
             for g in by_layer.get(index, []):
                 table.local[g] = []
                 for c, plan in enumerate(plans):
@@ -189,7 +189,7 @@ def measure(cfg, programs: list[Program], layer_at, plans: list[QuantPlan], grou
                     if c == probe_of[g]:
                         streams[g] = out[:len(sub)]
                         probe_local[g] = _rel_sq(ref[:len(sub)], streams[g])
-                    bar.update(1)
+                    tick(1)
             hidden = ref
             del layer
     rows = consumed_rows(sub)

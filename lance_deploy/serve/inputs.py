@@ -152,7 +152,8 @@ def t2i(m):
 
     _one(m.n)
     hw = size(m.size)
-    return TaskRequest(task="t2i", prompt=m.prompt, height=hw and hw[0], width=hw and hw[1], sampler=_sampler(m),
+    return TaskRequest(task="t2i", prompt=m.prompt, height=hw and hw[0], width=hw and hw[1],
+                       negative_prompt=m.negative_prompt, sampler=_sampler(m),
                        seed=m.seed, preset=m.resolution, vae_area_side=m.vae_area_side, vit_area_side=m.vit_area_side)
 
 
@@ -163,7 +164,8 @@ def image_edit(m, img):
     if m.size != "auto":
         raise HTTPError(400, f"size {m.size!r}: an edit keeps the input's aspect; use auto, and resolution or "
                         "vae_area_side for the working size", param="size")
-    return TaskRequest(task="image_edit", prompt=m.prompt, image=img, sampler=_sampler(m), seed=m.seed,
+    return TaskRequest(task="image_edit", prompt=m.prompt, image=img, negative_prompt=m.negative_prompt,
+                       sampler=_sampler(m), seed=m.seed,
                        preset=m.resolution, vae_area_side=m.vae_area_side, vit_area_side=m.vit_area_side)
 
 
@@ -189,7 +191,8 @@ def video_job(m, img=None, vid=None, fps=None):
         frames = int(round(m.seconds * OUTPUT_FPS / 4)) * 4 + 1
     hw = size(m.size) if task == "t2v" else None
     return TaskRequest(task=task, prompt=m.prompt, image=img, video=vid, video_fps=fps, frames=frames,
-                       height=hw and hw[0], width=hw and hw[1], sampler=_sampler(m), seed=m.seed,
+                       height=hw and hw[0], width=hw and hw[1], negative_prompt=m.negative_prompt,
+                       sampler=_sampler(m), seed=m.seed,
                        preset=m.resolution, vae_area_side=m.vae_area_side, vit_area_side=m.vit_area_side)
 
 

@@ -23,6 +23,7 @@ class LanceOptions(Strict):
     steps: int = 30
     cfg: float = 4.0  # text CFG scale; 1 disables it
     shift: float = 3.5
+    negative_prompt: str | None = None  # text CFG's unconditional caption (default: none, as upstream)
     resolution: str | None = None  # input preset: image_256res ... video_480p
     vae_area_side: int | None = None
     vit_area_side: int | None = None

@@ -1,8 +1,10 @@
 """Results on disk: one file per job under <out>/results, written atomically, with its parameters.
 
-A PNG carries them in a tEXt chunk ("lance"), an MP4 in a JSON sidecar of the same name, an x2t
-answer is a JSON file. `encode` makes the bytes (a Ray replica sends them to the ingress);
-`write` puts them in place.
+A PNG carries them in its `lance-deploy` and `parameters` chunks, an MP4 in its comment tag and a
+JSON sidecar of the same name (`media.metadata`: the format `lance-deploy run` writes), an x2t
+answer is a JSON file. A job whose params ask for it (KEEP_FRAMES: the UI's video edit sessions)
+also keeps its video's exact frames as a .npy, since the MP4 is lossy. `encode` makes the bytes (a
+Ray replica sends them to the ingress); `write` puts them in place.
 """
 
 from __future__ import annotations
@@ -10,20 +12,20 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-import time
 from pathlib import Path
 
 from lance_deploy.core.fsutil import atomic_path
+from lance_deploy.media.metadata import VIDEO_FPS, dumps, png_text  # VIDEO_FPS: as `lance-deploy run` writes
 
-NAME = re.compile(r"^job_[0-9a-f]{20}\.(png|mp4|json)$")
-MEDIA_TYPES = {"png": "image/png", "mp4": "video/mp4", "json": "application/json"}
-VIDEO_FPS = 12  # as `lance-deploy run` writes
+NAME = re.compile(r"^job_[0-9a-f]{20}\.(png|mp4|json|npy)$")
+MEDIA_TYPES = {"png": "image/png", "mp4": "video/mp4", "json": "application/json", "npy": "application/octet-stream"}
+KEEP_FRAMES = "keep_frames"  # a params key: also store a video's frames losslessly (uint8 .npy, no pickle)
 
 
 def result_meta(job, output, model_id: str) -> dict:
-    return {"job_id": job.id, "task": job.task, "model": model_id, "created": time.time(),
-            "seed": job.request.seed, "params": job.params, "notes": list(output.notes),
-            "timings": {k: round(float(v), 4) for k, v in output.timings.items()}}
+    """The output's parameters (`pipeline.provenance`: task, prompt, seed, model, ...) plus the job's."""
+    return {**output.meta, "job_id": job.id, "served_model": model_id, "params": job.params,
+            "notes": list(output.notes), "timings": {k: round(float(v), 4) for k, v in output.timings.items()}}
 
 
 def encode(job, output, model_id: str, eos_id: int | None = None) -> tuple[list[tuple[str, bytes]], dict]:
@@ -40,37 +42,38 @@ def encode(job, output, model_id: str, eos_id: int | None = None) -> tuple[list[
         return [(name, json.dumps({**meta, **result}, indent=1).encode())], {**result, "files": [name]}
     frames = output.frames
     if frames.shape[0] == 1:
-        name, data = f"{job.id}.png", _png_bytes(frames[0], {"lance": json.dumps(meta)})
+        from lance_deploy.media.io import png_bytes
+
+        name, data = f"{job.id}.png", png_bytes(frames[0], png_text(meta))
         files = [(name, data)]
     else:
         name = f"{job.id}.mp4"
         sidecar = json.dumps({**meta, "fps": VIDEO_FPS}, indent=1).encode()
-        files = [(name, _mp4_bytes(frames)), (f"{job.id}.json", sidecar)]
+        files = [(name, _mp4_bytes(frames, dumps(meta)))]
+        if job.params.get(KEEP_FRAMES):
+            files.append((f"{job.id}.npy", _npy_bytes(frames)))
+        files.append((f"{job.id}.json", sidecar))
     result = {"files": [n for n, _ in files], "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
               "width": int(frames.shape[2]), "seed": job.request.seed, "notes": meta["notes"]}
     return files, result
 
 
-def _png_bytes(frame, text: dict) -> bytes:
+def _npy_bytes(frames) -> bytes:
     import io
 
     import numpy as np
-    from PIL import Image, PngImagePlugin
 
-    info = PngImagePlugin.PngInfo()
-    for k, v in text.items():
-        info.add_text(k, v)
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG", pnginfo=info)
+    np.save(buf, np.ascontiguousarray(frames), allow_pickle=False)
     return buf.getvalue()
 
 
-def _mp4_bytes(frames) -> bytes:
+def _mp4_bytes(frames, comment: str) -> bytes:
     from lance_deploy.media.io import write_video
 
     with tempfile.TemporaryDirectory(prefix="lance-serve-") as tmp:
         path = Path(tmp) / "out.mp4"
-        write_video(frames, path, fps=VIDEO_FPS)
+        write_video(frames, path, fps=VIDEO_FPS, comment=comment)
         return path.read_bytes()
 
 

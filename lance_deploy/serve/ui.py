@@ -1,7 +1,9 @@
 """The web UI (Gradio) at /ui: the seven tasks, with progress from the job events and a multi-turn
-editing session (each turn edits an earlier output; history strip, branch from any turn, download)."""
+editing session of an image or a video (each turn edits an earlier output; history strip, branch
+from any turn, download)."""
 
 # no `from __future__ import annotations`: Gradio reads the real gr.SelectData annotation
+import asyncio
 import hmac
 from pathlib import Path
 
@@ -66,9 +68,15 @@ def build_ui(scheduler, out: Path):
         with gr.Tab("Edit session", elem_id="tab-edit"):
             session_dir = gr.State(None)
             parent = gr.State(None)  # None: edit the last turn
+            kinds = ["image"] + (["video"] if "video_edit" in tasks else [])
+            kind = gr.Radio(kinds, value="image", label="Session of", visible=len(kinds) > 1, elem_id="edit-kind")
             with gr.Row():
                 source = gr.Image(label="Source image", type="numpy", image_mode="RGB", elem_id="edit-source")
+                source_video = gr.Video(label="Source video", sources=["upload"], visible=False,
+                                        elem_id="edit-source-video")
                 result = gr.Image(label="Current turn", type="filepath", interactive=False, elem_id="edit-result")
+                result_video = gr.Video(label="Current turn", interactive=False, visible=False,
+                                        elem_id="edit-result-video")
             with gr.Row():
                 take = gr.Button("Use the generated image", elem_id="edit-take")
                 restart = gr.Button("New session", elem_id="edit-new")
@@ -84,35 +92,48 @@ def build_ui(scheduler, out: Path):
             download = gr.DownloadButton("Download current turn", visible=False, elem_id="edit-download")
 
             @guarded
-            async def run_edit(folder, par, src, text, s, n, c, side):
-                session = act.session(folder, src)
+            async def run_edit(folder, par, k, src, src_video, text, s, n, c, side):
+                session = await act.session(folder, src, k, src_video)
                 req = act.edit_request(session, par, text, s, n, c, side)
-                async for line, job, e in act.follow(req):
+                async for line, job, e in act.follow(req, keep_frames=session.is_video):
                     if not e.terminal:
-                        yield (gr.skip(),) * 5 + (line, gr.skip())
+                        yield (gr.skip(),) * 6 + (line, gr.skip())
                         continue
-                    index = act.record(session, req, job, par) if job.status == SUCCEEDED else None
-                    if index is None:
+                    if job.status != SUCCEEDED:
                         raise UIError(line)
-                    path = str(session.path(index))
-                    yield (path, history(session), str(session.folder), None,
+                    index = await asyncio.to_thread(act.record, session, req, job, par)  # writes files (an MP4)
+                    path = str(session.view_path(index))
+                    shown = (gr.skip(), path) if session.is_video else (path, gr.skip())
+                    yield (*shown, history(session), str(session.folder), None,
                            gr.update(value=path, visible=True), line, f"Next edit: on turn {index} (the last).")
 
-            edit.click(run_edit, [session_dir, parent, source, instruction, e_seed, e_steps, e_cfg, e_side],
-                       [result, strip, session_dir, parent, download, e_status, branch])
+            edit.click(run_edit, [session_dir, parent, kind, source, source_video, instruction, e_seed, e_steps,
+                                  e_cfg, e_side],
+                       [result, result_video, strip, session_dir, parent, download, e_status, branch])
 
             def pick(folder, evt: gr.SelectData):
                 s = EditSession.open(folder)
                 t = s.turn(evt.index)
-                return t.index, str(s.path(t.index)), f"Next edit: branches from turn {t.index}."
+                path = str(s.view_path(t.index))
+                shown = (gr.skip(), path) if s.is_video else (path, gr.skip())
+                return t.index, *shown, f"Next edit: branches from turn {t.index}."
 
-            strip.select(pick, [session_dir], [parent, result, branch])
+            strip.select(pick, [session_dir], [parent, result, result_video, branch])
+
+            reset = [session_dir, parent, strip, result, result_video, download, branch]
 
             def new_session():
-                return None, None, [], None, gr.update(visible=False), "Next edit: on the last turn."
+                return None, None, [], None, None, gr.update(visible=False), "Next edit: on the last turn."
 
-            restart.click(new_session, None, [session_dir, parent, strip, result, download, branch])
-            source.upload(new_session, None, [session_dir, parent, strip, result, download, branch])
+            restart.click(new_session, None, reset)
+            source.upload(new_session, None, reset)
+            source_video.upload(new_session, None, reset)
+
+            def switch(k):
+                image, video = gr.update(visible=k == "image"), gr.update(visible=k == "video")
+                return (image, video, image, video, image) + new_session()
+
+            kind.change(switch, [kind], [source, source_video, result, result_video, take] + reset)
 
             def take_generated(path):
                 if not path:
@@ -121,7 +142,7 @@ def build_ui(scheduler, out: Path):
 
                 return (read_image(path),) + new_session()
 
-            take.click(take_generated, [last_image], [source, session_dir, parent, strip, result, download, branch])
+            take.click(take_generated, [last_image], [source] + reset)
 
         with gr.Tab("Video", elem_id="tab-video", visible="t2v" in tasks):
             v_task = gr.Radio(["t2v", "i2v", "video_edit"], value="t2v", label="Task", elem_id="video-task")

@@ -17,6 +17,7 @@ from lance_deploy.pipeline.tasks import TaskRequest
 from lance_deploy.serve.inputs import usage_message
 from lance_deploy.serve.jobs import SUCCEEDED, Event, Job
 from lance_deploy.serve.scheduler import QueueFull
+from lance_deploy.serve.store import KEEP_FRAMES
 
 
 def status_line(job: Job, e: Event) -> str:
@@ -46,11 +47,13 @@ class Actions:
     def sampler(self, steps, cfg) -> SamplerConfig:
         return SamplerConfig(steps=int(steps), cfg_scale=float(cfg))
 
-    async def follow(self, req: TaskRequest):
-        """Queue `req`; yield (status line, job, event) for each of its events, the terminal one last."""
+    async def follow(self, req: TaskRequest, *, keep_frames: bool = False):
+        """Queue `req`; yield (status line, job, event) for each of its events, the terminal one last.
+        `keep_frames`: store a video's exact frames too (a video edit session's next input)."""
+        params = {**request_params(req), **({KEEP_FRAMES: True} if keep_frames else {})}
         try:
             self.s.validate(req)
-            job = self.s.submit(req, request_params(req))
+            job = self.s.submit(req, params)
         except LanceUsageError as e:
             raise UIError(usage_message(e)) from None
         except QueueFull as e:
@@ -105,28 +108,54 @@ class Actions:
                            max_new_tokens=int(max_tokens), vit_area_side=_side(side))
 
     # -- the editing session --------------------------------------------------------------------
-    def session(self, folder: str | None, source) -> EditSession:
+    async def session(self, folder: str | None, source, kind: str = "image", video_path=None) -> EditSession:
+        """The open session, or a new one from the source image or video (`kind`)."""
         if folder:
-            return EditSession.open(folder)
-        if source is None:
-            raise UIError("upload a source image (or take the generated one) to start editing")
-        return EditSession.create(self.sessions / uuid.uuid4().hex[:12], source)
+            try:
+                return EditSession.open(folder)
+            except LanceUsageError as e:
+                raise UIError(usage_message(e)) from None
+        new = self.sessions / uuid.uuid4().hex[:12]
+        if kind == "image":
+            if source is None:
+                raise UIError("upload a source image (or take the generated one) to start editing")
+            return await asyncio.to_thread(EditSession.create, new, source)
+        if not video_path:
+            raise UIError("upload a source video to start a video editing session")
+        from lance_deploy.media.io import read_video
+
+        def create() -> EditSession:
+            frames, fps = read_video(video_path)
+            return EditSession.create(new, video=frames, fps=fps)
+
+        try:
+            return await asyncio.to_thread(create)
+        except LanceUsageError as e:
+            raise UIError(usage_message(e)) from None
 
     def edit_request(self, session: EditSession, parent, prompt, seed, steps, cfg, side) -> TaskRequest:
         return session.request(prompt, parent=parent, seed=int(seed), steps=int(steps), cfg=float(cfg),
                                vae_area_side=_side(side), vit_area_side=_side(side))
 
     def record(self, session: EditSession, req, job: Job, parent) -> int:
+        from lance_deploy.api_session import read_frames
         from lance_deploy.media.io import read_image
 
-        frame = read_image(self.result_path(job))  # the lossless PNG: the exact output array
-        return session.record(req, frame, parent=parent).index
+        self.result_path(job)  # raises on failure
+        if session.is_video:  # the job's .npy (KEEP_FRAMES): the exact output, which its MP4 is not
+            name = next((n for n in job.result["files"] if n.endswith(".npy")), None)
+            if name is None:
+                raise UIError(f"job {job.id} kept no lossless frames; queue video edits with keep_frames=True")
+            output = read_frames(self.s.store.path(name))
+        else:
+            output = read_image(self.result_path(job))  # the lossless PNG: the exact output array
+        return session.record(req, output, parent=parent).index
 
 
 def history(session: EditSession | None) -> list[tuple[str, str]]:
-    """The history strip: every turn's image with its prompt."""
+    """The history strip: every turn's image (or video) with its prompt."""
     if session is None:
         return []
-    return [(str(session.folder / t.output), f"turn {t.index}: {t.prompt or 'source'}"
+    return [(str(session.view_path(t.index)), f"turn {t.index}: {t.prompt or 'source'}"
              + ("" if t.parent is None or t.parent == t.index - 1 else f" (from turn {t.parent})"))
             for t in session.turns]

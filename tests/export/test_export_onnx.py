@@ -38,6 +38,8 @@ except ImportError:
 
 
 def _export(out: Path, *extra: str, parts=PARTS, preset="image_256res"):
+    """The CLI export; TorchScript unless `extra` picks an exporter (the default, auto, is tested on its own)."""
+    extra = extra if "--exporter" in extra else ("--exporter", "torchscript", *extra)
     args = ["onnx", "--model", str(CKPT), "--preset", preset, "--out", str(out), *extra]
     for p in parts:
         args += ["--part", p]
@@ -335,9 +337,30 @@ def test_build_and_load_engine(export_dir, tmp_path):
 
 
 
-def test_dynamo_exporter_keeps_dynamic_axes(tmp_path):
+def test_default_exporter_is_dynamo_where_it_verifies(tmp_path):
     pytest.importorskip("onnxscript")
     out = tmp_path / "dyn"
-    result = _export(out, "--layers", "0", "--exporter", "dynamo", parts=("gen-layer",))
+    result = _export(out, "--layers", "0", "--exporter", "auto", "--json", parts=("gen-layer",))
     assert result.exit_code == 0, result.output
-    assert CliRunner().invoke(verify_cmd, [str(out)]).exit_code == 0  # runs n=18 and n=7
+    json.loads(result.stdout)  # dynamo's progress lines stay off stdout
+    m = load_manifest(out)
+    assert {e.name: (e.meta["exporter"], e.meta["opset"]) for e in m.parts} == {"gen-layer.00": ("dynamo", 18)}
+    assert [s.shape[0] for s in m.entry("gen-layer.00").inputs] == ["n", "n", "n", "Lc", "Lc"]  # still dynamic
+    verified = CliRunner().invoke(verify_cmd, [str(out)])  # runs n=18 and n=7
+    assert verified.exit_code == 0 and "TensorRT lint ok" in verified.output, verified.output
+
+
+def test_auto_exporter_choice_per_graph():
+    from lance_deploy.export.onnx_export import exporter_for
+    from lance_deploy.export.parts import GraphJob
+
+    def job(part):
+        return GraphJob(f"{part}.x", part, torch.nn.Identity(), (), [], [])
+
+    assert {p: exporter_for(job(p), "auto", False) for p in PARTS} == {
+        "gen-layer": "dynamo", "und-layer": "dynamo", "vit": "dynamo",
+        "vae-decoder": "torchscript", "vae-encoder": "torchscript"}
+    assert exporter_for(job("gen-layer"), "auto", True) == "torchscript"  # Q/DQ graphs
+    assert exporter_for(job("vae-decoder"), "dynamo", False) == "dynamo"  # forced
+    with pytest.raises(LanceUsageError, match="only the TorchScript exporter lowers to Q/DQ"):
+        exporter_for(job("gen-layer"), "dynamo", True)

@@ -63,7 +63,7 @@ def _export(graph, args, axes, root, name="gen-layer.01"):
     from lance_deploy.export.qdq import export_qdq_graph
 
     job = GraphJob(name, name.split(".")[0], graph, args, list(graph.input_names), list(graph.output_names), axes)
-    entry = export_qdq_graph(job, root, "image_256res")
+    entry = export_qdq_graph(job, root, "image_256res", target="onnxruntime")
     return entry, root / entry.file
 
 

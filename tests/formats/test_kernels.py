@@ -1,6 +1,7 @@
 """The fused kernel paths that have a CPU implementation match the reference path within the
 format's SQNR floor (tests/formats/test_formats.py SPECS), and `prepare` repacks once, in place,
-without adding bytes. The CUDA paths are run at release shapes in tests/runtime/test_rehearsal.py."""
+without adding bytes. The CUDA paths run at release shapes on fake CUDA in
+tests/formats/test_kernels_fake.py."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def test_run_cli_matches_upstream(case, tmp_path):
         args += ["--out", str(tmp_path / ("out.png" if meta["task"] in ("t2i", "image_edit") else "out.mp4"))]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output[res.output.index("{"):])
+    summary = json.loads(res.stdout)
     if meta["task"] in UNDERSTANDING_CASES:
         assert summary["token_ids"] == g["generated_ids"].tolist()
         return

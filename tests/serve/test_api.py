@@ -32,7 +32,7 @@ def test_t2i_stores_png_with_its_parameters(client, server):
     body = r.json()
     img = _png(base64.b64decode(body["data"][0]["b64_json"]))
     assert img.size == (64, 48)
-    meta = json.loads(img.text["lance"])  # the parameters travel inside the PNG
+    meta = json.loads(img.text["lance-deploy"])  # the parameters travel inside the PNG (media.metadata)
     assert meta["seed"] == 7 and meta["params"]["prompt"] == "a red boat" and meta["params"]["sampler"]["steps"] == 2
     name = body["lance"]["files"][0]
     stored = client.get(f"/v1/results/{name}")
@@ -57,7 +57,7 @@ def test_image_edit_multipart(client):
                     data={"prompt": "add snow", "steps": "2", "vae_area_side": "64", "vit_area_side": "64"})
     assert r.status_code == 200, r.text
     img = _png(base64.b64decode(r.json()["data"][0]["b64_json"]))
-    assert img.size == (64, 64) and json.loads(img.text["lance"])["task"] == "image_edit"
+    assert img.size == (64, 64) and json.loads(img.text["lance-deploy"])["task"] == "image_edit"
 
 
 def test_chat_image_question(client):

@@ -1,5 +1,5 @@
 """The web UI in a real browser (Debian's chromium via Playwright): t2i, an edit, a second edit on
-that output, a branch, an x2t question and a short t2v. Screenshots go to tests/serve/artifacts/."""
+that output, a branch, a video edit session with a branch, an x2t question and a short t2v. Screenshots go to tests/serve/artifacts/."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serve_util import ARTIFACTS, live_server, png_bytes
+from serve_util import ARTIFACTS, live_server, mp4_bytes, png_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT = 120_000  # ms, per wait: CI machines are slow and shared
@@ -80,6 +80,26 @@ def test_ui_drives_every_kind_of_task(browser, engine, ckpt, tmp_path):
         session = next((live.out / "sessions").iterdir())
         assert sorted(p.name for p in session.glob("turn_*.png")) == [f"turn_00{i}.png" for i in range(4)]
 
+        # a video session: an edit of an uploaded clip, then a branch from the source
+        (tmp_path / "clip.mp4").write_bytes(mp4_bytes(tmp_path))
+        page.locator("#edit-kind label", has_text="video").click()
+        page.set_input_files("#edit-source-video input[type=file]", str(tmp_path / "clip.mp4"))
+        page.wait_for_selector("#edit-source-video video", timeout=TIMEOUT)
+        _fill(page, "edit-prompt", "add snow")
+        page.click("#edit-go")
+        page.wait_for_function("document.querySelector('#edit-branch')?.innerText.includes('turn 1')", timeout=TIMEOUT)
+        page.wait_for_selector("#edit-result-video video[src]", timeout=TIMEOUT)
+        strip.locator(".thumbnail-item").first.click()  # branch from the source clip
+        page.wait_for_function("document.querySelector('#edit-branch')?.innerText.includes('branches from turn 0')",
+                               timeout=TIMEOUT)
+        _fill(page, "edit-prompt", "make it night")
+        page.click("#edit-go")
+        page.wait_for_function("document.querySelector('#edit-history')?.innerText.includes('(from turn 0)')",
+                               timeout=TIMEOUT)
+        page.screenshot(path=str(ARTIFACTS / "ui_edit_video.png"), full_page=True)
+        video = next(p for p in (live.out / "sessions").iterdir() if (p / "turn_000.npy").exists())
+        assert sorted(p.name for p in video.glob("turn_*.npy")) == [f"turn_00{i}.npy" for i in range(3)]
+
         # a question about an image
         page.get_by_role("tab", name="Ask").click()
         page.set_input_files("#ask-image input[type=file]", str(source))
@@ -100,6 +120,6 @@ def test_ui_drives_every_kind_of_task(browser, engine, ckpt, tmp_path):
         _done(page, "video-status")
         page.wait_for_selector("#video-result video[src]", timeout=TIMEOUT)
         page.screenshot(path=str(ARTIFACTS / "ui_t2v.png"), full_page=True)
-        assert len(list((live.out / "results").glob("*.mp4"))) == 1
+        assert len(list((live.out / "results").glob("*.mp4"))) == 3  # the two video edits and the t2v
         page.close()
     shutil.rmtree(live.out / "sessions", ignore_errors=True)

@@ -18,14 +18,23 @@ share one norm output (q/k/v, gate/up) so they get one s.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from lance_deploy.formats import FormatSpec, check_shape, fake_quant_rtn, quantize_rtn, scale_columns
+from lance_deploy.core.progress import bar
+from lance_deploy.formats import (
+    FormatSpec,
+    check_shape,
+    fake_quant_rtn,
+    quantize_rtn,
+    scale_columns,
+)
 
 from .scaling import ScaledResult, normalise, simulated_output
 from .stats import LayerStats
+
+PROGRESS_DELAY_S = 2.0  # a search shows its bar (under a command's progress mode) once it runs this long
 
 
 class AWQResult(ScaledResult):
@@ -69,11 +78,14 @@ def search_scale(
     ref = x @ w.t()  # [n, out]
     base = mean_abs.float().clamp_min(1e-6)
     best: tuple[float, torch.Tensor, float] | None = None
-    for alpha in torch.linspace(0, 1, grid).tolist():
-        s = normalise(base.pow(alpha))
-        err = (simulated_output(x, w, spec, s) - ref).pow(2).mean().item()
-        if best is None or err < best[0]:
-            best = (err, s, alpha)
+    with bar(grid, "awq α grid", unit="point", enabled=None, delay=PROGRESS_DELAY_S) as b:
+        for alpha in torch.linspace(0, 1, grid).tolist():
+            s = normalise(base.pow(alpha))
+            err = (simulated_output(x, w, spec, s) - ref).pow(2).mean().item()
+            if best is None or err < best[0]:
+                best = (err, s, alpha)
+            if b is not None:
+                b.update(1)
     return best[1], best[2]
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from lance_deploy.core.progress import bar
 from lance_deploy.formats import (
     FORMATS,
     FormatSpec,
@@ -37,6 +38,8 @@ from lance_deploy.formats import (
 )
 
 from .stats import LayerStats
+
+PROGRESS_DELAY_S = 2.0  # the column bar shows (under a command's progress mode) once a weight takes this long
 
 
 def gptq(
@@ -56,7 +59,7 @@ def gptq(
     """
     if stats.hessian is None:
         raise ValueError("GPTQ needs a Hessian: build LayerStats with hessian_dtype set")
-    out_f, in_f = check_shape(tuple(weight.shape), spec)
+    _, in_f = check_shape(tuple(weight.shape), spec)
     w = weight.detach().double()
     h = stats.hessian.to(w.device, torch.float64, copy=True)  # runs where the weight is
     if input_scale is not None:
@@ -106,23 +109,33 @@ def _quantize_columns(
     col_scale = expand_groups(scale, g) if not dynamic else None
     col_zero = expand_groups(zero, g) if (not dynamic and zero is not None) else None
     q, order = torch.zeros_like(w), perm.tolist()  # a list: no device sync per column
-    for b0 in range(0, in_f, block):
-        b1 = min(b0 + block, in_f)
-        w1, err1, hinv1 = w[:, b0:b1].clone(), torch.zeros_like(w[:, b0:b1]), hinv[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = order[b0 + i]
-            if dynamic and col % g == 0:
-                sc, zp = params(w1[:, i : i + g].float(), spec)
-                scale[:, col // g : col // g + 1], cs, cz = sc, sc, zp
-                if zero is not None:
-                    zero[:, col // g : col // g + 1] = zp
-            elif not dynamic:
-                cs = col_scale[:, col : col + 1]
-                cz = None if col_zero is None else col_zero[:, col : col + 1]
-            qc = fmt.fake_quant(w1[:, i : i + 1].float(), cs, cz, spec).double()  # [out, 1]
-            q[:, b0 + i : b0 + i + 1] = qc
-            e = (w1[:, i : i + 1] - qc) / hinv1[i, i]
-            w1[:, i:] -= e @ hinv1[i : i + 1, i:]  # [out,1] @ [1, rest]
-            err1[:, i : i + 1] = e
-        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    with bar(in_f, "gptq columns", unit="col", enabled=None, delay=PROGRESS_DELAY_S) as b:
+        for b0 in range(0, in_f, block):
+            _quantize_block(w, q, hinv, fmt, spec, g, order, b0, min(b0 + block, in_f), dynamic,
+                            (scale, zero, col_scale, col_zero))
+            if b is not None:
+                b.update(min(block, in_f - b0))
     return q, scale, zero
+
+
+def _quantize_block(w, q, hinv, fmt, spec: FormatSpec, g: int, order: list[int], b0: int, b1: int, dynamic: bool,
+                    params_: tuple) -> None:
+    """Columns b0..b1 (permuted order) of the GPTQ loop; updates w, q (and scale, zero when dynamic) in place."""
+    scale, zero, col_scale, col_zero = params_
+    w1, err1, hinv1 = w[:, b0:b1].clone(), torch.zeros_like(w[:, b0:b1]), hinv[b0:b1, b0:b1]
+    for i in range(b1 - b0):
+        col = order[b0 + i]
+        if dynamic and col % g == 0:
+            sc, zp = params(w1[:, i : i + g].float(), spec)
+            scale[:, col // g : col // g + 1], cs, cz = sc, sc, zp
+            if zero is not None:
+                zero[:, col // g : col // g + 1] = zp
+        elif not dynamic:
+            cs = col_scale[:, col : col + 1]
+            cz = None if col_zero is None else col_zero[:, col : col + 1]
+        qc = fmt.fake_quant(w1[:, i : i + 1].float(), cs, cz, spec).double()  # [out, 1]
+        q[:, b0 + i : b0 + i + 1] = qc
+        e = (w1[:, i : i + 1] - qc) / hinv1[i, i]
+        w1[:, i:] -= e @ hinv1[i : i + 1, i:]  # [out,1] @ [1, rest]
+        err1[:, i : i + 1] = e
+    w[:, b1:] -= err1 @ hinv[b0:b1, b1:]

@@ -62,8 +62,12 @@ def gather(out: Path) -> dict:
             "quantize": quantize}
 
 
+UNIT = {"GiB": GiB}  # memory_table switches to MiB for the tiny model of the dry run
+
+
 def _gib(v) -> str:
-    return "-" if v is None else f"{v / GiB:.2f}"
+    size = next(iter(UNIT.values()))
+    return "-" if v is None else f"{v / size:.2f}"
 
 
 def _ratio(a, b) -> str:
@@ -73,8 +77,12 @@ def _ratio(a, b) -> str:
 def memory_table(data: dict) -> list[str]:
     rehearsed = {(r["task"], r["budget"], r["recipe"], r["phase"]): r["rehearsed"]
                  for r in data["rehearsal"] if "phase" in r}
-    lines = [("| task | weights | budget | phase | measured alloc GiB | planner alloc GiB | planner / measured | "
-             "rehearsed GiB | rehearsed / measured | peak reserved GiB | planner total GiB | s/step | vs resident |"),
+    biggest = max((r.get("planned_total") or 0 for r in data["memory"]), default=0)
+    UNIT.clear()
+    UNIT.update({"GiB": GiB} if biggest >= GiB else {"MiB": 1 << 20})
+    u = next(iter(UNIT))
+    lines = [(f"| task | weights | budget | phase | measured alloc {u} | planner alloc {u} | planner / measured | "
+              f"rehearsed {u} | rehearsed / measured | peak reserved {u} | planner total {u} | s/step | vs resident |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["memory"]:
         if "error" in r:

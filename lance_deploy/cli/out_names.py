@@ -14,18 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lance_deploy.core.errors import LanceUsageError
-from lance_deploy.core.tasks import UNDERSTANDING_TASKS, VIDEO_OUTPUT_TASKS
+from lance_deploy.core.tasks import UNDERSTANDING_TASKS, output_extension
 
 NAME_TEMPLATE = "lance-{task}-s{seed}-{time}{n}.{ext}"
 """`time` is local time as YYYYmmdd-HHMMSS; `n` is "" or "-2", "-3", ... for the next free name."""
 MAX_TRIES = 10_000
-
-
-def extension(task: str, frames: int | None) -> str:
-    """png for one frame, mp4 for a video, txt for an x2t answer."""
-    if task in UNDERSTANDING_TASKS:
-        return "txt"
-    return "mp4" if task in VIDEO_OUTPUT_TASKS and frames != 1 else "png"
 
 
 @dataclass
@@ -68,4 +61,4 @@ def resolve_out(task: str, out: str | Path | None, seed: int, frames: int | None
     if not folder.is_dir():
         raise LanceUsageError(f"--out {out}: the folder does not exist; create it first")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return OutTarget(free_name(folder, task, seed, extension(task, frames), stamp), True, task, seed, stamp)
+    return OutTarget(free_name(folder, task, seed, output_extension(task, frames), stamp), True, task, seed, stamp)

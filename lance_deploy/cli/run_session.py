@@ -17,6 +17,7 @@ import click
 from lance_deploy.api_session import EDIT_TASKS, EditSession, edit_request
 from lance_deploy.cli.common import echo_json
 from lance_deploy.core.errors import LanceUsageError
+from lance_deploy.core.lock import PathLock
 
 # run options an edit turn has no use for: its size and length come from its input, and a replay
 # needs every input on disk (an --init-noise file is not kept)
@@ -130,25 +131,27 @@ def run_session(task, opts: dict, *, session_dir, parent, model_path, vit, vae, 
 
     start = time.perf_counter()
     check_continue(task, session_dir, parent, out=out, save_latents=save_latents, batch=batch)
-    _check_backend(task, backend)
-    turn = prepare(task, session_dir, parent, opts)
-    budget = parse_size(gpu_memory) if gpu_memory is not None else None
-    device = resolve_device(opts["device"])
-    dt = resolve_dtype(opts["dtype"], device)
-    engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
-    plan = None
-    if budget is not None or device.type == "cuda":  # as `run`: on CUDA the default budget is free memory - 1 GiB
-        plan = plan_residency(model_path, turn.req, budget if budget is not None else default_budget(), dt, vit=vit,
-                              vae=vae, markers=markers)
-    pipe = None
-    try:
-        pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"], dtype=opts["dtype"],
-                                       backend=engine, memory_plan=plan, compile=opts.get("compile", False))
-        result = pipe(turn.req, progress=True)  # the progress mode (bars, --json events, --quiet) decides
-    except torch.cuda.OutOfMemoryError as e:
-        raise _oom_error(pipe.phase if pipe is not None else "load", gpu_memory, e) from None
-    session, t = record(turn, result)
-    report = summary(session, t, result, time.perf_counter() - start)
+    with PathLock(session_dir, "--continue"):  # one writer per session: a second run is refused at once
+        _check_backend(task, backend)
+        turn = prepare(task, session_dir, parent, opts)
+        budget = parse_size(gpu_memory) if gpu_memory is not None else None
+        device = resolve_device(opts["device"])
+        dt = resolve_dtype(opts["dtype"], device)
+        engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
+        plan = None
+        if budget is not None or device.type == "cuda":  # as `run`: on CUDA, free memory - 1 GiB
+            budget = budget if budget is not None else default_budget()
+            plan = plan_residency(model_path, turn.req, budget, dt, vit=vit, vae=vae, markers=markers)
+        pipe = None
+        try:
+            pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"],
+                                           dtype=opts["dtype"], backend=engine, memory_plan=plan,
+                                           compile=opts.get("compile", False))
+            result = pipe(turn.req, progress=True)  # the progress mode (bars, --json events, --quiet) decides
+        except torch.cuda.OutOfMemoryError as e:
+            raise _oom_error(pipe.phase if pipe is not None else "load", gpu_memory, e) from None
+        session, t = record(turn, result)
+        report = summary(session, t, result, time.perf_counter() - start)
     if preset is not None:
         report["preset"] = preset
     if as_json:

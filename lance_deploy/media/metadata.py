@@ -27,7 +27,6 @@ from lance_deploy.core.errors import LanceUsageError
 FORMAT = "lance-deploy/1"
 PNG_KEY = "lance-deploy"
 A1111_KEY = "parameters"
-VIDEO_FPS = 12  # Lance's output rate (upstream writes its videos at 12 fps)
 
 
 def dumps(meta: dict) -> str:
@@ -70,12 +69,13 @@ def write_output(frames, meta: dict, path: str | Path, *, video: bool | None = N
     frame (unless `video`), else an MP4 with `meta` as its comment, then its sidecar JSON.
     `overwrite=False`: FileExistsError rather than replace the PNG or MP4."""
     from lance_deploy.media.io import write_image, write_video
+    from lance_deploy.media.preprocess import TARGET_FPS
 
     path = Path(path)
     video = frames.shape[0] != 1 or path.suffix.lower() == ".mp4" if video is None else video
     if not video:
         return write_image(frames[0], path, png_text(meta) if meta else None, overwrite=overwrite)
-    write_video(frames, path, fps=VIDEO_FPS, comment=dumps(meta) if meta else None, overwrite=overwrite)
+    write_video(frames, path, fps=TARGET_FPS, comment=dumps(meta) if meta else None, overwrite=overwrite)
     if meta:
         from lance_deploy.core.fsutil import publish_bytes
 

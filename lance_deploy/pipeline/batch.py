@@ -20,7 +20,7 @@ from pathlib import Path
 from lance_deploy.core import jsonio
 from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.core.schema import show
-from lance_deploy.core.tasks import UNDERSTANDING_TASKS, VIDEO_OUTPUT_TASKS
+from lance_deploy.core.tasks import UNDERSTANDING_TASKS, output_extension
 from lance_deploy.pipeline import limits
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -199,12 +199,6 @@ def sweep(base: int, seeds: str | None, num_images: int | None) -> list[int]:
     return [base]
 
 
-def output_suffix(task: str, frames: int | None) -> str:
-    if task in UNDERSTANDING_TASKS:
-        return ".txt"
-    return ".mp4" if task in VIDEO_OUTPUT_TASKS and frames != 1 else ".png"
-
-
 def expand(task: str, lines: list[BatchLine], seeds: list[int], out_dir: Path, frames: int | None) -> list[BatchItem]:
     """One item per line and seed. A line's own `seed` replaces the sweep. Names: the line's
     `out` (or upstream key) when it makes one output, else `<stem>-s<seed>`; unnamed lines use
@@ -213,7 +207,7 @@ def expand(task: str, lines: list[BatchLine], seeds: list[int], out_dir: Path, f
     for line in lines:
         line_seeds = [line.fields["seed"]] if "seed" in line.fields else seeds
         greedy = task in UNDERSTANDING_TASKS  # x2t decodes greedily: the seed changes nothing, names omit it
-        suffix = output_suffix(task, line.fields.get("frames", frames))
+        suffix = "." + output_extension(task, line.fields.get("frames", frames))
         given = Path(line.name).suffix.lower() if line.name else ""
         error = line.error or (f"out {line.name!r}: {task} writes {suffix} files here"
                                if given and given != suffix else None)

@@ -66,6 +66,7 @@ class PlanRequest:
     tiling: bool | None = None  # VAE tiling; None = auto as the pipeline
     flash: bool = True
     caption_tokens: int = 256
+    negative_tokens: int = 0
     question_tokens: int = 64
     max_new_tokens: int = 256
     preset: str | None = None
@@ -256,7 +257,7 @@ class MemoryPlan:
 def _plan_once(info: ModelInfo, r: PlanRequest) -> tuple[Workload, WeightInventory, Plan]:
     work = build_workload(info.tokenizer, r.task, r.height, r.width, r.frames, cfg_scale=r.cfg, steps=r.steps,
                           preset=r.preset, caption_tokens=r.caption_tokens, question_tokens=r.question_tokens,
-                          max_new_tokens=r.max_new_tokens)
+                          max_new_tokens=r.max_new_tokens, negative_tokens=r.negative_tokens)
     b = dtype_bytes(r.dtype)
     opts = RunOptions(b=b, flash=r.flash and r.dtype in (torch.bfloat16, torch.float16), tiling=r.tiling)
     inv = info.inventory(r.task, r.dtype, r.recipe)

@@ -41,7 +41,8 @@ def _tiling(value) -> bool | None:
 def plan_memory(model, task: str, height: int | None = None, width: int | None = None, frames: int | None = None,
                 gpu_memory=None, cfg: float = 4.0, dtype="bfloat16", tiling=None, *, recipe: str | None = None,
                 steps: int = 30, preset: str | None = None, flash: bool | None = None, caption_tokens: int = 256,
-                question_tokens: int = 64, max_new_tokens: int = 256, vit=None, vae=None, markers: str = "auto") -> MemoryPlan:
+                question_tokens: int = 64, max_new_tokens: int = 256, vit=None, vae=None, markers: str = "auto",
+                negative_tokens: int = 0) -> MemoryPlan:
     """Plan `task` on the release (or quantized artifact folder) at `model` under `gpu_memory`
     (bytes or '16GiB'; default: free device memory minus 1 GiB). Reads headers, configs and an
     artifact's manifest only."""
@@ -56,13 +57,16 @@ def plan_memory(model, task: str, height: int | None = None, width: int | None =
     info = ModelInfo.load(model, task, vit=vit, vae=vae)
     req = PlanRequest(task, budget, height, width, frames, cfg=cfg, steps=steps, dtype=dt, recipe=recipe,
                       tiling=_tiling(tiling), flash=_flash_default() if flash is None else flash,
-                      caption_tokens=caption_tokens, question_tokens=question_tokens, max_new_tokens=max_new_tokens, preset=preset,
-                      markers=markers)
+                      caption_tokens=caption_tokens, question_tokens=question_tokens, max_new_tokens=max_new_tokens,
+                      preset=preset, markers=markers, negative_tokens=negative_tokens)
     return make_plan(info, req)
 
 
 
 
+
+
+NEGATIVE_TOKENS = 256  # a negative prompt is planned at the caption's assumed length (plan_memory's default)
 
 
 def plan_residency(path, req, gpu_memory, dtype: torch.dtype, *, vit=None, vae=None,
@@ -73,7 +77,7 @@ def plan_residency(path, req, gpu_memory, dtype: torch.dtype, *, vit=None, vae=N
     s = req.sampler
     mp = plan_memory(path, req.task, req.height, req.width, req.frames, gpu_memory, cfg=s.cfg_scale, dtype=dtype,
                      steps=s.steps, preset=req.preset, max_new_tokens=req.max_new_tokens, vit=vit, vae=vae,
-                     markers=markers)
+                     markers=markers, negative_tokens=NEGATIVE_TOKENS if req.negative_prompt else 0)
     if not mp.fits:
         raise LanceUsageError(f"--gpu-memory: {mp.suggestion}")
     return mp

@@ -61,6 +61,7 @@ class Workload:
     steps: int = 0
     cfg_steps: int = 0  # steps that also run the uncond branch
     max_new_tokens: int = 0
+    negative_tokens: int = 0  # a negative prompt's caption in the uncond branch (upstream's branch has none)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -78,7 +79,7 @@ class Workload:
 
     @property
     def uncond_context_tokens(self) -> int:
-        return sum(s.n for s in self.prefix if not s.caption)
+        return sum(s.n for s in self.prefix if not s.caption) + self.negative_tokens
 
     @property
     def cfg(self) -> bool:
@@ -162,7 +163,8 @@ def text_splits(tok, task: str, caption_tokens: int, question_tokens: int, max_n
 
 def build_workload(tok, task: str, height: int | None = None, width: int | None = None, frames: int | None = None,
                    *, cfg_scale: float = 4.0, steps: int = 30, preset: str | None = None,
-                   caption_tokens: int = 256, question_tokens: int = 64, max_new_tokens: int = 256) -> Workload:
+                   caption_tokens: int = 256, question_tokens: int = 64, max_new_tokens: int = 256,
+                   negative_tokens: int = 0) -> Workload:
     """The workload of one request; `tok` is the checkpoint's `LanceTokenizer`."""
     if task not in TASKS:
         raise LanceUsageError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -176,7 +178,7 @@ def build_workload(tok, task: str, height: int | None = None, width: int | None 
     p = PRESETS[preset or DEFAULT_PRESET[task]]
     kw: dict = {"task": task, "spec": spec, "max_new_tokens": 0 if spec.gen else max_new_tokens}
     if spec.gen:
-        kw.update(steps=steps, cfg_steps=_schedule(steps, cfg_scale))
+        kw.update(steps=steps, cfg_steps=_schedule(steps, cfg_scale), negative_tokens=negative_tokens)
     splits = text_splits(tok, task, caption_tokens, question_tokens, max_new_tokens)
     source = None
     if task in ("t2i", "t2v"):

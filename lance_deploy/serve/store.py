@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 from lance_deploy.core.fsutil import atomic_path
-from lance_deploy.media.metadata import VIDEO_FPS, dumps, png_text  # VIDEO_FPS: as `lance-deploy run` writes
+from lance_deploy.media.metadata import dumps, png_text
+from lance_deploy.media.preprocess import TARGET_FPS  # as `lance-deploy run` writes
 
 NAME = re.compile(r"^job_[0-9a-f]{20}\.(png|mp4|json|npy)$")
 MEDIA_TYPES = {"png": "image/png", "mp4": "video/mp4", "json": "application/json", "npy": "application/octet-stream"}
@@ -48,7 +49,7 @@ def encode(job, output, model_id: str, eos_id: int | None = None) -> tuple[list[
         files = [(name, data)]
     else:
         name = f"{job.id}.mp4"
-        sidecar = json.dumps({**meta, "fps": VIDEO_FPS}, indent=1).encode()
+        sidecar = json.dumps({**meta, "fps": TARGET_FPS}, indent=1).encode()
         files = [(name, _mp4_bytes(frames, dumps(meta)))]
         if job.params.get(KEEP_FRAMES):
             files.append((f"{job.id}.npy", _npy_bytes(frames)))
@@ -73,7 +74,7 @@ def _mp4_bytes(frames, comment: str) -> bytes:
 
     with tempfile.TemporaryDirectory(prefix="lance-serve-") as tmp:
         path = Path(tmp) / "out.mp4"
-        write_video(frames, path, fps=VIDEO_FPS, comment=comment)
+        write_video(frames, path, fps=TARGET_FPS, comment=comment)
         return path.read_bytes()
 
 

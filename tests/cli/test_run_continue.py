@@ -135,3 +135,23 @@ def test_a_failed_first_turn_leaves_no_session(tmp_path):
                         _source(tmp_path), "--prompt", "x", *FAST)
     assert code != 0 and "Traceback" not in err
     assert not (tmp_path / "s").exists()  # the session is made only once its first turn has run
+
+
+def test_a_second_writer_on_one_session_is_refused(tmp_path):
+    """Two runs appending to one session would both take the next turn number: the second waits for nothing."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "s"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lance_deploy.core.lock import PathLock\n"
+         f"with PathLock({str(folder)!r}, '--continue'):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _usage_error(["image_edit", "--model", golden_root() / "ckpt", "--continue", folder, "--image",
+                      _source(tmp_path), "--prompt", "x", *FAST], "--continue")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not folder.exists()

@@ -204,7 +204,7 @@ def test_run_gpu_memory_plans_and_matches(tmp_path):
         args = ["run"] + run_args(meta, g, d) + ["--model", model, "--json", "--out", str(d / "o.png")] + extra
         r = CliRunner().invoke(cli, args, catch_exceptions=False)
         assert r.exit_code == 0, r.output
-        json.loads(r.output[r.output.index("{"):])
+        json.loads(r.stdout)
         outs.append(load_file(str(d / "latents.safetensors")))
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 

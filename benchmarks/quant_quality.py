@@ -30,7 +30,7 @@ from lance_deploy.quant.apply import LinearJob
 from lance_deploy.calibrate.prompt_sets import load_prompt_set, select
 from lance_deploy.calibrate.collect import CollectSettings, collect_programs
 from lance_deploy.calibrate.record import stratified_steps
-from lance_deploy.calibrate.replay import INPUT_GROUPS, gen_name
+from lance_deploy.model.tree import EXPERTS, INPUT_GROUPS
 from lance_deploy.formats import FormatSpec
 from lance_deploy.quant.layerwise import quantize_layers
 from lance_deploy.quant.metrics import sqnr_db
@@ -58,8 +58,7 @@ CONFIGS = [  # (label, spec or cast dtype, algorithm)
 
 
 def _linear_paths() -> list[str]:
-    return [m if e == "und" else gen_name(m) for e in ("und", "gen") for _, (_, ms) in INPUT_GROUPS.items()
-            for m in ms]
+    return [m for e in EXPERTS for g in INPUT_GROUPS.values() for m in g.paths(e)]
 
 
 def _cast(lm, dtype):
@@ -144,8 +143,7 @@ def layer_sqnr(lm, programs) -> dict:
         stats = {}
 
         def make(expert, group, layer=layer):
-            probe = INPUT_GROUPS[group][0]
-            path = probe if expert == "und" else gen_name(probe)
+            path = INPUT_GROUPS[group].probe(expert)
             return stats.setdefault((expert, group), LayerStats(layer.get_submodule(path).weight.shape[1],
                                                                 cap=4096, hessian_dtype=None))
 
@@ -154,8 +152,8 @@ def layer_sqnr(lm, programs) -> dict:
         for h in handles:
             h.remove()
         for (expert, group), s in stats.items():
-            for m in INPUT_GROUPS[group][1]:
-                w = layer.get_submodule(m if expert == "und" else gen_name(m)).weight.float()
+            for m in INPUT_GROUPS[group].paths(expert):
+                w = layer.get_submodule(m).weight.float()
                 x = s.rows
                 ref = x @ w.t()
                 for name, packed in (("int4 RTN", rtn(w, s, int4)), ("int4 AWQ", awq(w, s, int4).runtime()),

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.cli import cli
 

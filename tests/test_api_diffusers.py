@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import golden_root
+from golden_data import golden_root
 from PIL import Image
 
 from lance_deploy.api import LanceOutput, LancePipeline

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import golden_root
+from golden_data import golden_root
 from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"

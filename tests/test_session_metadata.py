@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.api import EditSession
 from lance_deploy.media.metadata import A1111_KEY, read_metadata, read_png_text

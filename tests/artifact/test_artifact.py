@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy import formats
 from lance_deploy.artifact.manifest import ArtifactError

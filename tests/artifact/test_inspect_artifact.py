@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.cli import cli
 from lance_deploy.quant.quantize import quantize

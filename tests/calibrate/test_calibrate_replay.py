@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.calibrate.record import recording, stratified_steps
 from lance_deploy.calibrate.replay import run_layer

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import GOLDEN
+from golden_data import GOLDEN
 from safetensors.torch import load_file
 from torch import nn
 

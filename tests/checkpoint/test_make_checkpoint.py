@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import GOLDEN
+from golden_data import GOLDEN
 from safetensors import safe_open
 from tokenizers import Tokenizer
 

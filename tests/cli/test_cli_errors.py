@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.cli import cli
 

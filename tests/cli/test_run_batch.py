@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 from PIL import Image
 
 from lance_deploy.cli import cli

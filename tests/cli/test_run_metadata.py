@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.cli import cli
 from lance_deploy.media.metadata import A1111_KEY, FORMAT, PNG_KEY, read_metadata, read_png_text, sidecar_path

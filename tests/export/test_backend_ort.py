@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import GOLDEN
+from golden_data import GOLDEN
 from golden_requests import run_args
 
-from tests.conftest import GOLDEN, assert_close, assert_uint8_close, load_case
+from golden_data import GOLDEN, assert_close, assert_uint8_close, load_case
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
-from conftest import GOLDEN
+from golden_data import GOLDEN
 
 pytest.importorskip("onnx")
 

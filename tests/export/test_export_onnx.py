@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.conftest import GOLDEN
+from golden_data import GOLDEN
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

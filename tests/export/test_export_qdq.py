@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import GOLDEN
+from golden_data import GOLDEN
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

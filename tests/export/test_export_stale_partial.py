@@ -10,7 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import GOLDEN
+from golden_data import GOLDEN
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

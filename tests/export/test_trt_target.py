@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import GOLDEN
+from golden_data import GOLDEN
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

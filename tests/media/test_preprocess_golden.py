@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN
+from golden_data import GOLDEN
 
 from lance_deploy.core.errors import MediaError
 from lance_deploy.media.io import to_uint8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GOLDEN
+from golden_data import GOLDEN
 
 from lance_deploy.core.errors import CheckpointError, LanceError
 from lance_deploy.model.vae import StreamCache, WanVAE, load_vae

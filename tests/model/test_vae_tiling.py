@@ -11,7 +11,7 @@ from itertools import pairwise
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GOLDEN
+from golden_data import GOLDEN
 from torch import nn
 
 from lance_deploy.core.errors import LanceUsageError

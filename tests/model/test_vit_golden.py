@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import pytest
 import torch
-from conftest import GOLDEN
+from golden_data import GOLDEN
 from safetensors.torch import load_file
 
 from lance_deploy.config import VisionConfig

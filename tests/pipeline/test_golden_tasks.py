@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_close, assert_uint8_close, golden_root, load_case
+from golden_data import assert_close, assert_uint8_close, golden_root, load_case
 from golden_requests import GENERATION_CASES, UNDERSTANDING_CASES, request_from_case, run_args
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import golden_root, load_case
+from golden_data import golden_root, load_case
 from golden_requests import request_from_case
 
 from lance_deploy.core.errors import LanceUsageError

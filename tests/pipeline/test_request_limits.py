@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.core.errors import LanceError, LanceUsageError
 from lance_deploy.pipeline import limits

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN
+from golden_data import GOLDEN
 
 from lance_deploy.core.errors import CheckpointError, LanceUsageError
 from lance_deploy.pipeline.positions import MOD_CAPTION, MOD_SOURCE, MOD_TARGET, MOD_VIT, apply_mape, rope_index

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.planning.request import plan_memory
 

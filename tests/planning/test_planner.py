@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.core.units import GiB

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.core.errors import LanceUsageError
 from lance_deploy.pipeline.sampler import SamplerConfig

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.quant import budget as B
 from lance_deploy.quant.plan import format_plan, resolve_plan

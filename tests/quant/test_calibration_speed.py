@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.calibrate.collect import CollectSettings, Probe, collect_programs
 from lance_deploy.calibrate.replay import run_layer
@@ -113,6 +113,7 @@ def _fast_recipe(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow  # two CLI quantize runs, one calibrated: ~60 s on 2 busy cores
 def test_quantize_json_reports_estimate_and_progress_events_and_quiet_is_silent(tmp_path):
     src = str(golden_root() / "ckpt" / "Lance_3B")
     recipe = _fast_recipe(tmp_path)

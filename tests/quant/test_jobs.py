@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.checkpoint.layout import discover
 from lance_deploy.core.errors import LanceUsageError

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.artifact.reader import ArtifactReader
 from lance_deploy.cli import cli

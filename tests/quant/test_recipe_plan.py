@@ -7,7 +7,7 @@ import json
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy import formats
 from lance_deploy.calibrate.config import CalibrationConfig, Stratified

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import golden_root, load_case
+from golden_data import golden_root, load_case
 from golden_requests import request_from_case, run_args
 from test_pager import _pipe, _spans
 

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import golden_root, load_case
+from golden_data import golden_root, load_case
 from golden_requests import request_from_case
 from torch import nn
 

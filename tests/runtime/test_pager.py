@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import golden_root, load_case
+from golden_data import golden_root, load_case
 from golden_requests import request_from_case, run_args
 
 LLM_UNITS = ("norms_bridges",)

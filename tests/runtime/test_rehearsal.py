@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import golden_root
+from golden_data import golden_root
 
 from lance_deploy.core.units import GiB
 from lance_deploy.formats import FormatSpec, PackedTensor, layout

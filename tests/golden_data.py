@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden reference set and tolerance checks."""
+"""The golden reference set and its tolerance checks (a plain module: a conftest of a subfolder would shadow it)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from golden_data import GOLDEN
 from golden_requests import run_args
 
 from golden_data import GOLDEN, assert_close, assert_uint8_close, load_case

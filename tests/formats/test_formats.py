@@ -3,8 +3,6 @@ against the reference dequantizers (bit-exact on CPU; CUDA kernels under the gpu
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -6,17 +6,12 @@ no overlapping fields) and each tensor with its format's field table (``formats.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from lance_deploy import formats
 from lance_deploy.checkpoint.safetensors_io import dtype_tag
 from lance_deploy.core.schema import fail
 from lance_deploy.formats import FormatError, FormatSpec
-
-if TYPE_CHECKING:  # the records come from manifest.py, which calls these checks
-    from lance_deploy.artifact.manifest import ArtifactManifest, TensorRecord
 
 PLAIN_FIELD = "tensor"  # the one field of a tensor stored as it is (not packed)
 
@@ -29,8 +24,9 @@ def _unique(names: list[str], what: str, where: str) -> None:
         first[n] = i
 
 
-def check_records(m: ArtifactManifest, where: str) -> None:
-    """Raise SchemaError naming the first record that breaks a rule."""
+def check_records(m, where: str) -> None:
+    """Raise SchemaError naming the first record of `m` (a `manifest.ArtifactManifest`, which calls
+    these checks) that breaks a rule."""
     if not m.tensors:
         raise fail(where, "tensors: empty; a sealed artifact holds at least one tensor")
     _unique([t.name for t in m.tensors], "tensors", where)
@@ -59,7 +55,7 @@ def check_records(m: ArtifactManifest, where: str) -> None:
                        f"exactly ({lo}/{hi - lo})")
 
 
-def check_format(t: TensorRecord, at: str) -> None:
+def check_format(t, at: str) -> None:  # t: a manifest.TensorRecord
     """A tensor's format, spec, logical shape and stored fields must agree, as the writer makes them."""
     if t.spec is None:
         if set(t.fields) != {PLAIN_FIELD}:

@@ -50,7 +50,7 @@ def wants_batch(prompt_file, seeds, num_images) -> bool:
 
 def run_batch(ctx: click.Context, task: str, opts: dict, *, prompt_file, seeds, num_images, model_path, vit, vae,
               out, save_latents, backend, graphs, gpu_memory, markers, quiet, as_json, preset=None) -> None:
-    from lance_deploy.cli.run_cmd import _backend, _check_backend, _oom_error
+    from lance_deploy.cli.run_engine import check_backend, make_engine, oom_error
     from lance_deploy.core.units import parse_size
     from lance_deploy.pipeline.pipeline import (
         LancePipeline,
@@ -59,7 +59,7 @@ def run_batch(ctx: click.Context, task: str, opts: dict, *, prompt_file, seeds, 
     )
 
     start = time.perf_counter()
-    _check_backend(task, backend)
+    check_backend(task, backend)
     _refuse_single_file_options(save_latents, opts, out)
     budget = parse_size(gpu_memory) if gpu_memory is not None else None
     out_dir = Path(out) if out is not None else Path(".")
@@ -85,12 +85,12 @@ def run_batch(ctx: click.Context, task: str, opts: dict, *, prompt_file, seeds, 
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LanceUsageError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
-        engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
+        engine = make_engine(task, backend, graphs, model_path, vit, vae, quiet)
         with progress.loading():
             pipe = LancePipeline.from_path(model_path, task, vit=vit, vae=vae, device=opts["device"],
                                            dtype=opts["dtype"], backend=engine, memory_plan=plan,
                                            compile=opts.get("compile", False))
-        _run_items(task, opts, todo, pipe, gpu_memory, as_json, where, _oom_error)
+        _run_items(task, opts, todo, pipe, gpu_memory, as_json, where, oom_error)
     counts = {s: sum(it.status == s for it in items) for s in ("ok", "skipped", "invalid", "failed")}
     summary = {"task": task, "out": str(out_dir), "items": [it.to_dict() for it in items], "counts": counts,
                "wall_s": round(time.perf_counter() - start, 3)}

@@ -12,10 +12,10 @@ from lance_deploy.cli.common import echo_json
 from lance_deploy.cli.plan_memory import MARKERS_OPTION
 from lance_deploy.cli.presets import PRESET_OPTION, apply_preset
 from lance_deploy.cli.run_batch import BATCH_OPTIONS, run_batch, wants_batch
+from lance_deploy.cli.run_engine import check_backend, make_engine, oom_error
 from lance_deploy.core import progress
-from lance_deploy.core.errors import LanceError
 from lance_deploy.core.fsutil import check_output_path
-from lance_deploy.core.tasks import TASKS, VIDEO_OUTPUT_TASKS, VIDEO_TASKS
+from lance_deploy.core.tasks import TASKS, VIDEO_OUTPUT_TASKS
 from lance_deploy.core.units import parse_size
 
 TASK_CHOICES = TASKS
@@ -123,7 +123,7 @@ def _run_one(task, model_path, vit, vae, as_json, quiet, out, save_latents, back
     start = time.perf_counter()
     # Everything that can be refused is refused here, before a byte of weights is read.
     target = resolve_out(task, out, opts["seed"], opts.get("frames"))  # a folder or nothing: a default name
-    _check_backend(task, backend)
+    check_backend(task, backend)
     _check_out(task, target.path, opts.get("frames"))
     if save_latents is not None:
         check_output_path(save_latents, "--save-latents")
@@ -131,7 +131,7 @@ def _run_one(task, model_path, vit, vae, as_json, quiet, out, save_latents, back
     budget = parse_size(gpu_memory) if gpu_memory is not None else None
     device = resolve_device(opts["device"])
     dt = resolve_dtype(opts["dtype"], device)
-    engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
+    engine = make_engine(task, backend, graphs, model_path, vit, vae, quiet)
     plan = None
     if budget is not None or device.type == "cuda":  # on CUDA the default budget is free memory - 1 GiB
         budget = budget if budget is not None else default_budget()
@@ -144,7 +144,7 @@ def _run_one(task, model_path, vit, vae, as_json, quiet, out, save_latents, back
                                            compile=opts["compile"])
         result = pipe(req, progress=True)  # the progress mode (bars, --json events, --quiet) decides
     except torch.cuda.OutOfMemoryError as e:
-        raise _oom_error(pipe.phase if pipe is not None else "load", gpu_memory, e) from None
+        raise oom_error(pipe.phase if pipe is not None else "load", gpu_memory, e) from None
     summary = write_outputs(task, result, target, save_latents)
     summary["timings"]["wall_s"] = round(time.perf_counter() - start, 3)
     if chosen is not None:
@@ -159,38 +159,6 @@ def _run_one(task, model_path, vit, vae, as_json, quiet, out, save_latents, back
     else:
         click.echo(f"wrote {summary['output']}")
     click.echo(f"wall time {summary['timings']['wall_s']:.2f} s", err=True)
-
-
-def _oom_error(phase: str, gpu_memory, err) -> LanceError:
-    """One line naming the phase and a way out (a budget to plan with, or a lighter recipe)."""
-    import re
-
-    first = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
-    m = re.search(r"([\d.]+ [GM]iB) is free", first)
-    free = f" ({m.group(1)} was free)" if m else ""
-    hint = ("a lower --gpu-memory than " + gpu_memory if gpu_memory
-            else "--gpu-memory SIZE (e.g. what `lance-deploy memory-plan` says fits)")
-    return LanceError(f"out of GPU memory during {phase}{free}: try {hint}, a quantized artifact (`lance-deploy "
-                      "quantize MODEL --recipe int8-rtn --out DIR`, then --model DIR), fewer frames or a smaller size")
-
-
-def _backend(task, name, graphs, model_path, vit, vae, quiet):
-    """The `--backend` object (None for torch), built before any weights load so its errors come first."""
-    if name == "torch" and graphs is None:
-        return None
-    from lance_deploy.export.backend import make_backend
-
-    _check_backend(task, name)
-    variant = "video" if task in VIDEO_TASKS else "image"
-    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    return make_backend(name, model_path, graphs, vit=vit, vae=vae, variant=variant, log=log)
-
-
-def _check_backend(task: str, name: str) -> None:
-    from lance_deploy.core.errors import LanceUsageError
-
-    if task.startswith("x2t") and name != "torch":
-        raise LanceUsageError(f"--backend {name} covers the generation tasks; run {task} with --backend torch")
 
 
 def _check_out(task: str, out, frames) -> None:

@@ -120,7 +120,7 @@ def run_session(task, opts: dict, *, session_dir, parent, model_path, vit, vae, 
     """One turn: check everything, load, run, record, report."""
     import torch
 
-    from lance_deploy.cli.run_cmd import _backend, _check_backend, _oom_error
+    from lance_deploy.cli.run_engine import check_backend, make_engine, oom_error
     from lance_deploy.core.units import parse_size
     from lance_deploy.pipeline.pipeline import (
         LancePipeline,
@@ -132,12 +132,12 @@ def run_session(task, opts: dict, *, session_dir, parent, model_path, vit, vae, 
     start = time.perf_counter()
     check_continue(task, session_dir, parent, out=out, save_latents=save_latents, batch=batch)
     with PathLock(session_dir, "--continue"):  # one writer per session: a second run is refused at once
-        _check_backend(task, backend)
+        check_backend(task, backend)
         turn = prepare(task, session_dir, parent, opts)
         budget = parse_size(gpu_memory) if gpu_memory is not None else None
         device = resolve_device(opts["device"])
         dt = resolve_dtype(opts["dtype"], device)
-        engine = _backend(task, backend, graphs, model_path, vit, vae, quiet)
+        engine = make_engine(task, backend, graphs, model_path, vit, vae, quiet)
         plan = None
         if budget is not None or device.type == "cuda":  # as `run`: on CUDA, free memory - 1 GiB
             budget = budget if budget is not None else default_budget()
@@ -149,7 +149,7 @@ def run_session(task, opts: dict, *, session_dir, parent, model_path, vit, vae, 
                                            compile=opts.get("compile", False))
             result = pipe(turn.req, progress=True)  # the progress mode (bars, --json events, --quiet) decides
         except torch.cuda.OutOfMemoryError as e:
-            raise _oom_error(pipe.phase if pipe is not None else "load", gpu_memory, e) from None
+            raise oom_error(pipe.phase if pipe is not None else "load", gpu_memory, e) from None
         session, t = record(turn, result)
         report = summary(session, t, result, time.perf_counter() - start)
     if preset is not None:

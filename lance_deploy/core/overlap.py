@@ -43,10 +43,13 @@ def read_ahead(loaders: Iterable[tuple[int, Callable[[], T]]], max_bytes: int) -
                 result: tuple[bool, object] = (True, load())
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller at this item's turn
                 result = (False, e)
+            ok = result[0]
             with cond:
                 done[i] = result
                 cond.notify_all()
-            if not result[0]:
+            # drop this frame's reference: it would keep the item alive through the next load
+            del result
+            if not ok:
                 return
 
     thread = threading.Thread(target=work, name="lance-read-ahead", daemon=True)

@@ -183,3 +183,28 @@ def expand_groups(t: torch.Tensor, columns: int) -> torch.Tensor:
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 """A format's field table: field name -> (shape, dtype), used by `nbytes` and `validate`."""
+
+
+ROW_BLOCK_ELEMENTS = 1 << 17
+"""Elements per block in `rowwise`: 512 KiB of fp32, so the temporaries stay in cache and under
+the 1 MiB mmap threshold a quantize fixes (``core/host_memory.py``); whole-tensor temporaries
+cost a fresh, page-faulted 90 MB per op on a full-size MLP weight."""
+
+
+def rowwise(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], w: torch.Tensor, per_row: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """`fn(w, per_row)` computed in blocks of whole rows on the CPU (one call elsewhere): the same
+    values, since `fn` is elementwise along each row with its row's `per_row` [out, 1] entry."""
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    if w.device.type != "cpu" or w.shape[0] <= rows:
+        return fn(w, per_row)
+    out = torch.empty(w.shape, dtype=dtype)
+    for i in range(0, w.shape[0], rows):
+        out[i:i + rows] = fn(w[i:i + rows], per_row[i:i + rows])
+    return out
+
+
+def row_absmax(w: torch.Tensor) -> torch.Tensor:
+    """max |w| over each row of w [out, k] -> [out, 1] fp32, without an |w| temporary."""
+    w = w.float()
+    return torch.maximum(w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True).neg_())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FormatSpec, Layout, PackedTensor, check_shape
+from .base import FormatSpec, Layout, PackedTensor, check_shape, row_absmax, rowwise
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _TINY = 1e-12  # scale floor: an all-zero row keeps a finite scale and packs to zeros
@@ -27,13 +27,13 @@ def layout(shape: tuple[int, int], spec: FormatSpec) -> Layout:
 
 def params(w: torch.Tensor, spec: FormatSpec) -> tuple[torch.Tensor, None]:
     """Round-to-nearest scale for w [out, k]: absmax over the k columns / 448 -> [out, 1] fp32."""
-    return (w.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(_TINY), None
+    return (row_absmax(w) / FP8_MAX).clamp_min(_TINY), None
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # Divide (not multiply by a reciprocal) everywhere, so packing a fake-quantized weight with
     # the same scale reproduces the same codes: GPTQ relies on that.
-    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (w.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: FormatSpec) -> torch.Tensor:
@@ -44,7 +44,7 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: For
 def pack(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: FormatSpec) -> PackedTensor:
     """Pack w [out, in] with given per-row scale [out, 1]."""
     check_shape(tuple(w.shape), spec)
-    return PackedTensor(_codes(w, scale), scale.float().contiguous(), spec, tuple(w.shape))
+    return PackedTensor(rowwise(_codes, w, scale, torch.float8_e4m3fn), scale.float().contiguous(), spec, tuple(w.shape))
 
 
 def dequantize(p: PackedTensor) -> torch.Tensor:

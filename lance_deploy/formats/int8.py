@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FormatSpec, Layout, PackedTensor, check_shape
+from .base import FormatSpec, Layout, PackedTensor, check_shape, row_absmax, rowwise
 
 QMAX = 127
 _TINY = 1e-12
@@ -29,7 +29,7 @@ def layout(shape: tuple[int, int], spec: FormatSpec) -> Layout:
 
 def params(w: torch.Tensor, spec: FormatSpec) -> tuple[torch.Tensor, None]:
     """Round-to-nearest scale for w [out, k]: absmax over the k columns / 127 -> [out, 1] fp32."""
-    return (w.float().abs().amax(dim=1, keepdim=True) / QMAX).clamp_min(_TINY), None
+    return (row_absmax(w) / QMAX).clamp_min(_TINY), None
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: For
 def pack(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: FormatSpec) -> PackedTensor:
     """Pack w [out, in] with given per-row scale [out, 1]."""
     check_shape(tuple(w.shape), spec)
-    return PackedTensor(_codes(w, scale), scale.float().contiguous(), spec, tuple(w.shape))
+    return PackedTensor(rowwise(_codes, w, scale, torch.int8), scale.float().contiguous(), spec, tuple(w.shape))
 
 
 def dequantize(p: PackedTensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from lance_deploy.checkpoint.pages import drop_file_pages
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.checkpoint.vae_keys import check_vae_file
 from lance_deploy.core.faults import fault_point
+from lance_deploy.core.host_memory import fix_mmap_threshold
 from lance_deploy.core.lock import PathLock
 from lance_deploy.core.overlap import WriteBehind, read_ahead
 from lance_deploy.core.progress import bar as progress_bar
@@ -148,6 +149,7 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     calibration programs recorded for the measurement are reused.
     """
     start = time.perf_counter()
+    fix_mmap_threshold()  # freed layers go back to the OS, so peak RSS stays at the live bytes
     if budget is not None:
         from lance_deploy.quant.budget import resolve_budget
 
@@ -206,7 +208,7 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
 READ_AHEAD_BYTES = 5 << 28
 """fp32 bytes loaded ahead of the packing loop: one full-size decoder layer (0.62 GB) beside the
 one being packed, or one embedding table alone (1.24 GB), so peak RSS stays under 3 GB (measured
-in docs/benchmarks.md)."""
+in docs/benchmarks.md, with `fix_mmap_threshold`)."""
 
 
 def _load_shared(read, entry):

@@ -80,3 +80,29 @@ def test_write_behind_raises_a_job_failure_and_finishes_submitted_jobs_on_a_call
         w.submit(lambda: (time.sleep(0.05), done.append("saved")))
         raise KeyboardInterrupt
     assert done == ["saved"]  # the caller's files are not touched after it has left
+
+
+def test_read_ahead_keeps_no_reference_to_an_item_the_caller_has_dropped():
+    # an item taken and dropped must be freed before the next one loads (a 0.62 GB bf16 table
+    # kept alive through the next load cost 0.58 GiB of peak RSS in a full-size quantize)
+    import gc
+    import weakref
+
+    class Item:
+        pass
+
+    refs: list = []
+    alive_at_load: list[bool] = []
+
+    def load():
+        gc.collect()
+        alive_at_load.append(bool(refs) and refs[-1]() is not None)
+        item = Item()
+        refs.append(weakref.ref(item))
+        return item
+
+    it = read_ahead([(1, load) for _ in range(3)], max_bytes=1)  # one item at a time
+    for _ in range(3):
+        item = next(it)
+        del item
+    assert alive_at_load == [False, False, False]

@@ -195,7 +195,7 @@ class ArtifactWriter:
         shard = self._shard(decls[0].name, group)
         shard.decls = {d.name: d for d in decls}
         entries = [(_key(d.name, f), dtype, shape) for d in decls for f, dtype, shape in d.fields]
-        shard.writer = SafetensorsWriter(self.partial / shard.rel, entries)
+        shard.writer = SafetensorsWriter(self.partial / shard.rel, entries, hash_file=False)  # tensors hashed one by one
 
     def declare_plan(self, entries: Iterable) -> list[str]:
         """Declare every group of a resolved plan (``QuantPlan.entries``; 'skip' entries are left

@@ -42,7 +42,7 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, hash_file: bool = True):
         self.path = Path(path)
         header: dict[str, object] = {}
         if metadata is not None:
@@ -66,7 +66,9 @@ class SafetensorsWriter:
         self.total_bytes = self._data_start + pos
         self._written: set[str] = set()
         # sha256 of the file while it is written in order, so a caller need not read it back
-        self._hash: hashlib._Hash | None = hashlib.sha256(len(raw).to_bytes(8, "little") + raw)
+        # (`hash_file=False` where nobody reads it: one sha256 pass less per byte written)
+        self._hash: hashlib._Hash | None = (hashlib.sha256(len(raw).to_bytes(8, "little") + raw) if hash_file
+                                            else None)
         self._hashed = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lance_deploy.formats import FormatSpec, quantize_rtn
-from lance_deploy.formats import base
+from lance_deploy.formats import FormatSpec, base, quantize_rtn
 
 WHOLE = {  # the formulas as written before packing went row-block-wise
     "fp8_e4m3": (448.0, lambda w, s: (w.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)),

@@ -1,7 +1,9 @@
 """Peak host RSS and wall time of `quantize` on a full-size checkpoint, vs reading its files once.
 
 Each recipe runs in a fresh subprocess (so its peak RSS is its own); the baseline in the same run
-is one sequential positioned read of the files the quantizer reads (model, ViT, VAE).
+is one sequential positioned read of the files the quantizer reads (model, ViT, VAE), and the
+I/O floor is that read while another thread writes (and fsyncs, per 256 MiB file) as many bytes
+as the first recipe wrote: its artifact plus its job folder's resume steps.
 
     python benchmarks/quantize_full.py --model /path/Lance_3B --recipes fp8-rtn int8-rtn --out /scratch/q
 """
@@ -12,12 +14,43 @@ import argparse
 import json
 import resource
 import shutil
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from load_memory import _read_once
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def _read_while_writing(files: list[Path], nbytes: int, scratch: Path) -> float:
+    """Seconds for `_read_once(files)` and writing `nbytes` to `scratch` at the same time."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    block, part = os.urandom(64 << 20), 256 << 20
+
+    def write() -> None:
+        left, i = nbytes, 0
+        while left > 0:
+            with open(scratch / f"w{i:04d}", "wb") as f:
+                for _ in range(min(left, part) // len(block) or 1):
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+            left, i = left - part, i + 1
+
+    start = time.perf_counter()
+    writer = threading.Thread(target=write)
+    writer.start()
+    _read_once(files)
+    writer.join()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
+    return seconds
 
 
 def _child(model: str, recipe: str, out: str) -> None:
@@ -48,17 +81,26 @@ def main() -> None:
     read_s = _read_once(files)
     gib = 1024**3
     print(f"read once: {sum(f.stat().st_size for f in files) / gib:.2f} GiB in {read_s:.1f} s")
-    print("| recipe | artifact (GiB) | peak RSS (GiB) | quantize s | read-once s | quantize / read |")
-    print("|---|---|---|---|---|---|")
+    rows, floor = [], None
     for recipe in args.recipes:
         out = Path(args.out) / recipe
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--out", args.out,
                                "--child", recipe, str(out)], capture_output=True, text=True, check=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"| {recipe} | {r['bytes'] / gib:.2f} | {r['peak_rss_bytes'] / gib:.2f} | {r['seconds']:.1f} | "
-              f"{read_s:.1f} | {r['seconds'] / read_s:.2f}x |", flush=True)
+        written = _tree_bytes(out) + _tree_bytes(Path(str(out) + ".job"))
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(str(out) + ".job", ignore_errors=True)
+        if floor is None:
+            floor = _read_while_writing(files, written, Path(args.out) / "io-floor")
+            print(f"read once while writing {written / gib:.2f} GiB (artifact + resume steps): {floor:.1f} s")
+        rows.append(f"| {recipe} | {r['bytes'] / gib:.2f} | {written / gib:.2f} | {r['peak_rss_bytes'] / gib:.2f} | "
+                    f"{r['seconds']:.1f} | {read_s:.1f} | {floor:.1f} | {r['seconds'] / read_s:.2f}x | "
+                    f"{r['seconds'] / floor:.2f}x |")
+        print(rows[-1], flush=True)
+    print("| recipe | artifact (GiB) | written (GiB) | peak RSS (GiB) | quantize s | read-once s | I/O floor s "
+          "| quantize / read | quantize / floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ threshold to the size of each mmapped block freed (up to 32 MiB). After the firs
 is freed, every tensor below that size comes from the per-thread heaps, and a streaming job whose
 reader, packer and writer threads allocate and free ~0.6 GB per layer leaves those heaps
 fragmented and resident: a full-size quantize peaked at 3.20 GiB RSS against 1.82 GiB with the
-threshold fixed (docs/benchmarks.md, "Quantize at disk speed").
+threshold fixed (docs/benchmarks.md, "Memory found, packing cut").
 """
 
 from __future__ import annotations

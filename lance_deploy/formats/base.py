@@ -196,7 +196,7 @@ def rowwise(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], w: torch.T
     """`fn(w, per_row)` computed in blocks of whole rows on the CPU (one call elsewhere): the same
     values, since `fn` is elementwise along each row with its row's `per_row` [out, 1] entry."""
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
-    if w.device.type != "cpu" or w.shape[0] <= rows:
+    if w.device.type != "cpu" or w.shape[0] <= rows or per_row.shape[0] != w.shape[0]:
         return fn(w, per_row)
     out = torch.empty(w.shape, dtype=dtype)
     for i in range(0, w.shape[0], rows):

@@ -44,7 +44,8 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: For
 def pack(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: FormatSpec) -> PackedTensor:
     """Pack w [out, in] with given per-row scale [out, 1]."""
     check_shape(tuple(w.shape), spec)
-    return PackedTensor(rowwise(_codes, w, scale, torch.int8), scale.float().contiguous(), spec, tuple(w.shape))
+    codes = rowwise(_codes, w, scale, torch.int8)  # row blocks: no whole-weight temporaries
+    return PackedTensor(codes, scale.float().contiguous(), spec, tuple(w.shape))
 
 
 def dequantize(p: PackedTensor) -> torch.Tensor:

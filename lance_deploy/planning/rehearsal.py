@@ -144,10 +144,23 @@ def _fill(module: nn.Module, mode: FakeCuda, device, dtype, keep=lambda name: Tr
             owner._buffers[attr] = fake
 
 
+def loaded_formats(lm: nn.Module, formats: dict) -> dict:
+    """The entries of `formats` whose Linear the task's model has: an understanding task builds
+    no generation expert, so an artifact's gen Linears are neither loaded nor planned for it."""
+    def has(path: str) -> bool:
+        try:
+            lm.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
+
+    return {p: v for p, v in formats.items() if has(p)}
+
+
 def _pack(module: nn.Module, formats: dict, mode: FakeCuda, device, dtype) -> None:
     """Swap each Linear named in `formats` ({module path: (FormatSpec, smooth?)}) for a QLinear
     holding fake packed fields of that format's layout (the artifact loader's modules)."""
-    for path, (spec, smooth) in formats.items():
+    for path, (spec, smooth) in loaded_formats(module, formats).items():
         linear = module.get_submodule(path)
         shape = tuple(linear.weight.shape)
         fields = {f: mode.empty(s, dt, device) for f, (s, dt) in layout(shape, spec).items()}
@@ -204,6 +217,7 @@ def planner_info(model, task: str, formats: dict | None = None) -> ModelInfo:
         return info
     spec = SPECS[task]
     lm = build_on_meta(lambda: LanceLM(info.cfg, with_gen=spec.gen, with_lm_head=spec.lm_head), lambda m: None)
+    formats = loaded_formats(lm, formats)
     return info.with_packed(packed_bytes(formats, {p: tuple(lm.get_submodule(p).weight.shape) for p in formats}))
 
 

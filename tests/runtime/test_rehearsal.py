@@ -77,6 +77,18 @@ def test_x2t_image_all_resident(release):
     _check(r)
 
 
+def test_an_understanding_task_plans_only_the_und_half_of_an_artifact(release):
+    """A recipe packs both experts; x2t builds no gen expert, so its gen Linears are neither
+    packed nor counted (the matrix raised AttributeError on x2t with every recipe)."""
+    from lance_deploy.planning.rehearsal import planner_info
+
+    def weights(formats=None) -> int:
+        return planner_info(release, "x2t_image", formats).inventory("x2t_image", torch.bfloat16).total
+
+    both, und = expert_formats(FormatSpec("int8")), expert_formats(FormatSpec("int8"), experts=("und",))
+    assert weights(both) == weights(und) < weights()
+
+
 def test_a_row_major_scaled_mm_operand_fails_the_rehearsal(release, monkeypatch):
     """The fp8 W8A8 branch runs only on an sm89+ GPU; under fake CUDA its `_scaled_mm` meta
     refuses a row-major second operand exactly as cuBLAS does on the device."""

@@ -21,6 +21,11 @@ def _sampler_controls(gr, tab: str):
     return seed, n_steps, cfg
 
 
+def _negative_control(gr, tab: str):
+    return gr.Textbox(label="Negative prompt (optional; empty = upstream's CFG without the caption)",
+                      elem_id=f"{tab}-negative")
+
+
 def _side_control(gr, tab: str):
     return gr.Number(0, label="Working side (px; 0 = the preset's)", precision=0, minimum=0, elem_id=f"{tab}-side")
 
@@ -46,6 +51,7 @@ def build_ui(scheduler, out: Path):
 
         with gr.Tab("Text to image", elem_id="tab-t2i"):
             prompt = gr.Textbox(label="Prompt", elem_id="t2i-prompt")
+            negative = _negative_control(gr, "t2i")
             with gr.Row():
                 width = gr.Number(768, label="Width", precision=0, minimum=16, step=16, elem_id="t2i-width")
                 height = gr.Number(768, label="Height", precision=0, minimum=16, step=16, elem_id="t2i-height")
@@ -55,15 +61,15 @@ def build_ui(scheduler, out: Path):
             image = gr.Image(label="Result", type="filepath", interactive=False, elem_id="t2i-image")
 
             @guarded
-            async def t2i(p, w, h, s, n, c):
-                async for line, job, e in act.follow(act.t2i(p, w, h, s, n, c)):
+            async def t2i(p, w, h, s, n, c, neg):
+                async for line, job, e in act.follow(act.t2i(p, w, h, s, n, c, neg)):
                     if e.terminal:
                         path = act.result_path(job)
                         yield path, line, path
                     else:
                         yield gr.skip(), line, gr.skip()
 
-            go.click(t2i, [prompt, width, height, seed, steps, cfg], [image, status, last_image])
+            go.click(t2i, [prompt, width, height, seed, steps, cfg, negative], [image, status, last_image])
 
         with gr.Tab("Edit session", elem_id="tab-edit"):
             session_dir = gr.State(None)
@@ -158,6 +164,7 @@ def build_ui(scheduler, out: Path):
                                      elem_id="video-frames")
             v_seed, v_steps, v_cfg = _sampler_controls(gr, "video")
             v_side = _side_control(gr, "video")
+            v_negative = _negative_control(gr, "video")
             v_go = gr.Button("Generate video", variant="primary", elem_id="video-go")
             v_status = gr.Markdown(elem_id="video-status")
             v_out = gr.Video(label="Result", interactive=False, height=360, elem_id="video-result")
@@ -168,7 +175,7 @@ def build_ui(scheduler, out: Path):
                     yield (act.result_path(job) if e.terminal else gr.skip()), line
 
             v_go.click(video, [v_task, v_prompt, v_image, v_video, v_width, v_height, v_frames, v_seed, v_steps,
-                               v_cfg, v_side], [v_out, v_status])
+                               v_cfg, v_side, v_negative], [v_out, v_status])
 
         with gr.Tab("Ask", elem_id="tab-ask"):
             kinds = [k for k, t in (("image", "x2t_image"), ("video", "x2t_video")) if t in tasks]

@@ -40,6 +40,10 @@ def _side(value) -> int | None:
     return int(value) if value else None  # 0 / empty = the preset's default
 
 
+def _negative(text) -> str | None:
+    return text.strip() or None if text else None  # empty = upstream's uncond branch (the caption removed)
+
+
 class Actions:
     def __init__(self, scheduler, out: Path):
         self.s, self.sessions = scheduler, Path(out) / "sessions"
@@ -67,11 +71,12 @@ class Actions:
         return str(self.s.store.path(job.result["files"][0]))
 
     # -- requests of each tab -----------------------------------------------------------------
-    def t2i(self, prompt, width, height, seed, steps, cfg) -> TaskRequest:
+    def t2i(self, prompt, width, height, seed, steps, cfg, negative=None) -> TaskRequest:
         return TaskRequest(task="t2i", prompt=prompt, width=int(width), height=int(height), seed=int(seed),
-                           sampler=self.sampler(steps, cfg))
+                           sampler=self.sampler(steps, cfg), negative_prompt=_negative(negative))
 
-    async def video(self, task, prompt, image, video_path, width, height, frames, seed, steps, cfg, side):
+    async def video(self, task, prompt, image, video_path, width, height, frames, seed, steps, cfg, side,
+                    negative=None):
         from lance_deploy.media.io import read_video
 
         vid = fps = None
@@ -88,7 +93,8 @@ class Actions:
         return TaskRequest(task=task, prompt=prompt, image=image if task == "i2v" else None, video=vid, video_fps=fps,
                            width=int(width) if sized else None, height=int(height) if sized else None,
                            frames=int(frames) if task != "video_edit" else None, seed=int(seed),
-                           sampler=self.sampler(steps, cfg), vae_area_side=_side(side), vit_area_side=_side(side))
+                           sampler=self.sampler(steps, cfg), vae_area_side=_side(side), vit_area_side=_side(side),
+                           negative_prompt=_negative(negative))
 
     async def ask(self, kind, image, video_path, question, max_tokens, side) -> TaskRequest:
         from lance_deploy.media.io import read_video

@@ -90,3 +90,11 @@ def test_ui_builds_with_a_video_session_kind(actions):
     ids = {getattr(b, "elem_id", None): b for b in ui.blocks.values()}
     assert {"edit-kind", "edit-source-video", "edit-result-video", "edit-history"} <= set(ids)
     assert ids["edit-kind"].choices == [("image", "image"), ("video", "video")]
+
+
+def test_the_negative_prompt_fields_reach_the_request(actions):
+    assert actions.t2i("a boat", 64, 64, 1, 2, 4.0, "  blurry ").negative_prompt == "blurry"
+    assert actions.t2i("a boat", 64, 64, 1, 2, 4.0, "").negative_prompt is None  # upstream's uncond branch
+    assert actions.t2i("a boat", 64, 64, 1, 2, 4.0).negative_prompt is None
+    req = asyncio.run(actions.video("t2v", "a boat", None, None, 64, 64, 5, 1, 2, 4.0, 0, "static"))
+    assert req.negative_prompt == "static"

@@ -217,6 +217,7 @@ class QLinear(nn.Module):
         return "dequant_matmul"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # what this allocates beyond x at its peak is `input_transient_bytes` (the planner counts it)
         if self.smooth is not None:
             x = (x.float() / self.smooth).to(x.dtype)
         kernel = self.kernel(x)
@@ -333,3 +334,15 @@ def _nf4_bnb(x: torch.Tensor, p: PackedTensor, bias: torch.Tensor | None) -> tor
         dtype=x.dtype,
     )
     return bnb.matmul_4bit(x, p.qdata.reshape(-1, 1).t(), bias=bias, quant_state=state)
+
+
+def input_transient_bytes(smooth: bool, w8a8: bool) -> int:
+    """Bytes per input element that `QLinear.forward` holds beyond its input at its peak, for rows
+    where it matters (the denoise and prefill calls of thousands of rows): the smooth division
+    keeps `x.float()` and its fp32 quotient (8), then a smoothed copy at the input dtype (2); the
+    per-token activation quantization keeps `x.float()` and `abs` (8). Weight-only paths: 0 (their
+    weight scratch is counted per call, not per row)."""
+    per_token = 8 if w8a8 else 0
+    if smooth:
+        return max(8, 2 + per_token)
+    return per_token

@@ -74,17 +74,21 @@ def math_attention_bytes(s: LLMShape, n: int, keys: int, masked: bool) -> int:
 
 
 def forward_bytes(s: LLMShape, n: int, b: int, *, gen_rows: int = 0, cached: int = 0, math: bool = False,
-                  masked: bool = False) -> int:
+                  masked: bool = False, linear_input: tuple[int, int] = (0, 0)) -> int:
     """Peak activation bytes of one `LanceLM.forward_chunk` of n tokens over `cached` cached keys.
 
     Mixed chunks (0 < gen_rows < n: the denoising query, an edit's source split) gather the gen
     rows before each expert call, which costs one more [rows, D] copy per moment. Returns the
     worst per-layer moment plus what lives through all layers (cos/sin fp32 [n, d] x 2).
+    `linear_input`: (und, gen) bytes per input element a quantized Linear of that expert holds
+    beyond its input (`formats.qlinear.input_transient_bytes`), at the biggest expert call's down
+    projection ([m, I] input; the gen expert's whenever the chunk has gen rows).
     """
     D, I, qkv = s.hidden, s.intermediate, (s.heads + 2 * s.kv_heads) * s.head_dim
     q = s.heads * s.head_dim
     mixed = 0 < gen_rows < n
     m = gen_rows if mixed else n  # rows of the biggest expert call
+    t = linear_input[1] if gen_rows else linear_input[0]  # what its quantized Linears add per input element
     x = n * D * b  # the residual stream
     gather = m * D * b if mixed else 0
     h = n * D * b  # normed input of the attention
@@ -96,7 +100,8 @@ def forward_bytes(s: LLMShape, n: int, b: int, *, gen_rows: int = 0, cached: int
     post = (x if s.layers > 1 else 0) + h + x
     moments = {
         "norm": post + gather + 2 * m * D * F32,
-        "mlp": post + gather + m * D * b + 3 * m * I * b,  # silu(gate), up and their product live together
+        # silu(gate), up and their product live together; then the product and the down projection's transients
+        "mlp": post + gather + m * D * b + max(3 * m * I * b, m * I * (b + t)),
         "qk_norm": x + h + gather + m * qkv * b + 3 * m * q * F32,
         "qkv_cat": x + h + gather + m * qkv * (b + F32) + m * qkv * F32 + (2 * n * qkv * F32 if mixed else 0),
         "rope": x + h + n * qkv * F32 + 3 * n * q * F32,

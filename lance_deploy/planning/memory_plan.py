@@ -87,6 +87,7 @@ class ModelInfo:
     tokenizer: LanceTokenizer
     manifest: object | None = None  # export.artifact_manifest.ArtifactManifest for an artifact
     stored: dict = field(default_factory=dict)  # release key -> packed bytes (`with_packed`)
+    linear_input: tuple[int, int] = (0, 0)  # with `stored`: (und, gen) `input_transient_bytes` (`with_packed`)
     _entries: dict = field(default_factory=dict)
     _inventories: dict = field(default_factory=dict)
 
@@ -137,11 +138,26 @@ class ModelInfo:
             return True
         return self.manifest is not None and any(t.spec is not None for t in self.manifest.tensors)
 
-    def with_packed(self, stored: dict[str, int]) -> ModelInfo:
+    def input_transient(self) -> tuple[int, int]:
+        """(und, gen): per input element, the most a packed Linear of that expert holds beyond its
+        input per call (`formats.qlinear.input_transient_bytes`, from the manifest's specs and smooth fields)."""
+        if self.manifest is None:
+            return self.linear_input
+        from lance_deploy.checkpoint.canonical import expert_of
+        from lance_deploy.formats.qlinear import input_transient_bytes
+
+        def most(expert: str) -> int:
+            return max((input_transient_bytes("smooth" in t.fields, (t.spec or {}).get("activations") is not None)
+                        for t in self.manifest.tensors if t.spec is not None and expert_of(t.name) == expert),
+                       default=0)
+
+        return most("und"), most("gen")
+
+    def with_packed(self, stored: dict[str, int], linear_input: tuple[int, int] = (0, 0)) -> ModelInfo:
         """This release as an artifact storing the tensors named in `stored` (release keys) packed
         at those byte counts would plan (what its manifest would say; the rest at the load
         dtype): the rehearsal plans a recipe's exact formats without quantizing 12 GB."""
-        return ModelInfo(self.layout, self.cfg, self.vision, self.tokenizer, self.manifest, dict(stored))
+        return ModelInfo(self.layout, self.cfg, self.vision, self.tokenizer, self.manifest, dict(stored), linear_input)
 
     def _has(self, part: str) -> bool:
         if self.layout is not None:
@@ -259,7 +275,8 @@ def _plan_once(info: ModelInfo, r: PlanRequest) -> tuple[Workload, WeightInvento
                           preset=r.preset, caption_tokens=r.caption_tokens, question_tokens=r.question_tokens,
                           max_new_tokens=r.max_new_tokens, negative_tokens=r.negative_tokens)
     b = dtype_bytes(r.dtype)
-    opts = RunOptions(b=b, flash=r.flash and r.dtype in (torch.bfloat16, torch.float16), tiling=r.tiling)
+    opts = RunOptions(b=b, flash=r.flash and r.dtype in (torch.bfloat16, torch.float16), tiling=r.tiling,
+                      linear_input=info.input_transient())
     inv = info.inventory(r.task, r.dtype, r.recipe)
     # a quantized Linear may dequantize its weight per call: one [11008, 2048] scratch at the compute dtype
     extra = b * info.cfg.intermediate_size * info.cfg.hidden_size if r.recipe or info.packed else 0

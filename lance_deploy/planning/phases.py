@@ -65,6 +65,7 @@ class ModelDims:
 @dataclass(frozen=True)
 class RunOptions:
     b: int = 2  # compute dtype bytes
+    linear_input: tuple[int, int] = (0, 0)  # (und, gen): what a quantized Linear holds per input element
     flash: bool = True  # SDPA flash kernel usable (CUDA sm80+, bf16/fp16)
     tiling: bool | None = None  # VAE tiling: None = auto (latent side > threshold), as the pipeline
     tile: int = 32
@@ -88,7 +89,7 @@ def _prefill(work: Workload, dims: ModelDims, opts: RunOptions, carried: int) ->
         for sp in splits:
             masked = sp.mode == "causal" and sp.n > 1
             act = forward_bytes(s, sp.n, b, gen_rows=sp.gen_rows, cached=cached, math=masked or not opts.flash,
-                                masked=masked)
+                                masked=masked, linear_input=opts.linear_input)
             kv = done_kv + kv_cache_bytes(s, cached + sp.n, b)
             best = max(best, (kv + act, kv, act))
             cached += sp.n
@@ -109,7 +110,8 @@ def _denoise(work: Workload, dims: ModelDims, opts: RunOptions, carried: int) ->
     kv = kv_cache_bytes(s, work.context_tokens, b)
     if work.cfg:
         kv += kv_cache_bytes(s, work.uncond_context_tokens, b)
-    forward = forward_bytes(s, n, b, gen_rows=N, cached=work.context_tokens, math=not opts.flash)
+    forward = forward_bytes(s, n, b, gen_rows=N, cached=work.context_tokens, math=not opts.flash,
+                            linear_input=opts.linear_input)
     # latent rows + query; v, v_uncond; with CFG the cond branch's output lives through the uncond forward
     step = forward + (3 if work.cfg else 2) * n * s.hidden * b + 2 * N * LATENT_CHANNELS * 4
     embed = latent_embedding_bytes(s, work.vae_rows, N, b)
@@ -140,7 +142,8 @@ def phase_demands(work: Workload, dims: ModelDims, opts: RunOptions) -> list[Pha
                                carried=vit_out + work.vae_rows * LATENT_CHANNELS * 4, forwards=1))
     else:
         total = work.context_tokens + work.max_new_tokens
-        act = forward_bytes(s, 1, b, cached=total, math=not opts.flash) + logits_bytes(s, work.max_new_tokens)
+        act = (forward_bytes(s, 1, b, cached=total, math=not opts.flash, linear_input=opts.linear_input)
+               + logits_bytes(s, work.max_new_tokens))
         out.append(PhaseDemand("text_decode", {"und_expert": work.max_new_tokens}, ("norms_bridges", "lm_head"),
                                kv_cache_bytes(s, total, b), act, 0, carried, work.max_new_tokens))
     return out

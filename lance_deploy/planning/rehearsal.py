@@ -217,8 +217,17 @@ def planner_info(model, task: str, formats: dict | None = None) -> ModelInfo:
         return info
     spec = SPECS[task]
     lm = build_on_meta(lambda: LanceLM(info.cfg, with_gen=spec.gen, with_lm_head=spec.lm_head), lambda m: None)
+    from lance_deploy.formats.qlinear import input_transient_bytes
+
     formats = loaded_formats(lm, formats)
-    return info.with_packed(packed_bytes(formats, {p: tuple(lm.get_submodule(p).weight.shape) for p in formats}))
+    from lance_deploy.model.tree import expert_of
+
+    def most(expert: str) -> int:
+        return max((input_transient_bytes(sm, spec.activations is not None) for p, (spec, sm) in formats.items()
+                    if expert_of(p) == expert), default=0)
+
+    return info.with_packed(packed_bytes(formats, {p: tuple(lm.get_submodule(p).weight.shape) for p in formats}),
+                            (most("und"), most("gen")))
 
 
 def plan_request(model, req: TaskRequest, budget=None, *, formats: dict | None = None, recipe: str | None = None,

@@ -346,3 +346,13 @@ def input_transient_bytes(smooth: bool, w8a8: bool) -> int:
     if smooth:
         return max(8, 2 + per_token)
     return per_token
+
+
+def expert_input_transients(linears) -> tuple[int, int]:
+    """(und, gen): the most `input_transient_bytes` of each expert's packed Linears, from
+    (expert, smooth?, w8a8?) triples; shared tensors (expert None) do not count."""
+    most = {"und": 0, "gen": 0}
+    for expert, smooth, w8a8 in linears:
+        if expert in most:
+            most[expert] = max(most[expert], input_transient_bytes(smooth, w8a8))
+    return most["und"], most["gen"]

@@ -144,14 +144,10 @@ class ModelInfo:
         if self.manifest is None:
             return self.linear_input
         from lance_deploy.checkpoint.canonical import expert_of
-        from lance_deploy.formats.qlinear import input_transient_bytes
+        from lance_deploy.formats.qlinear import expert_input_transients
 
-        def most(expert: str) -> int:
-            return max((input_transient_bytes("smooth" in t.fields, (t.spec or {}).get("activations") is not None)
-                        for t in self.manifest.tensors if t.spec is not None and expert_of(t.name) == expert),
-                       default=0)
-
-        return most("und"), most("gen")
+        return expert_input_transients((expert_of(t.name), "smooth" in t.fields, t.spec.get("activations") is not None)
+                                       for t in self.manifest.tensors if t.spec is not None)
 
     def with_packed(self, stored: dict[str, int], linear_input: tuple[int, int] = (0, 0)) -> ModelInfo:
         """This release as an artifact storing the tensors named in `stored` (release keys) packed

@@ -216,18 +216,15 @@ def planner_info(model, task: str, formats: dict | None = None) -> ModelInfo:
     if not formats:
         return info
     spec = SPECS[task]
-    from lance_deploy.formats.qlinear import input_transient_bytes
+    from lance_deploy.formats.qlinear import expert_input_transients
     from lance_deploy.model.tree import expert_of
 
     lm = build_on_meta(lambda: LanceLM(info.cfg, with_gen=spec.gen, with_lm_head=spec.lm_head), lambda m: None)
     formats = loaded_formats(lm, formats)
-
-    def most(expert: str) -> int:
-        return max((input_transient_bytes(smooth, fmt.activations is not None)
-                    for p, (fmt, smooth) in formats.items() if expert_of(p) == expert), default=0)
-
+    transients = expert_input_transients((expert_of(p), smooth, fmt.activations is not None)
+                                         for p, (fmt, smooth) in formats.items())
     return info.with_packed(packed_bytes(formats, {p: tuple(lm.get_submodule(p).weight.shape) for p in formats}),
-                            (most("und"), most("gen")))
+                            transients)
 
 
 def plan_request(model, req: TaskRequest, budget=None, *, formats: dict | None = None, recipe: str | None = None,

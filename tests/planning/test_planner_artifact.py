@@ -76,3 +76,12 @@ def test_memory_plan_command_on_an_artifact(artifact):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["fits"] and out["weights"]["und_expert"] > 0
+
+
+def test_a_weight_only_artifact_adds_no_linear_input_transients(artifact):
+    from lance_deploy.formats.qlinear import expert_input_transients
+    from lance_deploy.planning.memory_plan import ModelInfo
+
+    assert ModelInfo.load(artifact, "t2i").input_transient() == (0, 0)  # int8-rtn: weight-only, no smooth
+    assert expert_input_transients([("und", True, False), ("gen", False, True), ("gen", True, True),
+                                    (None, True, True)]) == (8, 10)

@@ -261,8 +261,8 @@ def rehearse(model, task: str, budget=None, *, req: TaskRequest | None = None, f
     with mode:
         where = LancePipeline.load_device(plan, CUDA)
         comps = fake_components(model, task, mode, device=where, dtype=dtype, formats=formats)
-        pipe = LancePipeline.from_components(comps, (task,), device=CUDA, dtype=dtype,
-                                             memory_plan=plan)
+        with mode.load():
+            pipe = LancePipeline.from_components(comps, (task,), device=CUDA, dtype=dtype, memory_plan=plan)
         load_bytes = mode.memory.current
         pipe.phase_observers.append(mode.memory.set_phase)
         pipe(req, progress=False)

@@ -124,6 +124,7 @@ class FakeCuda(TorchDispatchMode):
         self.shadows: dict[int, torch.UntypedStorage] = {}
         self.syncs = Counter()
         self.sdpa = Counter()
+        self.loading = False  # see `load`
         self._stack = contextlib.ExitStack()
 
     def __enter__(self):
@@ -140,6 +141,18 @@ class FakeCuda(TorchDispatchMode):
             return super().__exit__(*exc)
         finally:
             self._stack.close()
+
+    @contextlib.contextmanager
+    def load(self):
+        """Loading weights: a device->host copy of values nobody computed gives a fake host tensor
+        (a repacked weight's host copy, `QLinear.prepare` of a paged layer), not real zeros. Its
+        bytes are never read, and a real tensor would turn into a bare meta one the moment the
+        pager points it at a fake device slot (`.data` keeps the tensor's class, not the slot's)."""
+        prev, self.loading = self.loading, True
+        try:
+            yield
+        finally:
+            self.loading = prev
 
     # -- fake tensors made on purpose --------------------------------------------------------------
     def empty(self, shape, dtype, device) -> torch.Tensor:
@@ -268,6 +281,8 @@ class FakeCuda(TorchDispatchMode):
     def _read_back(self, src, into=None):
         """A device->host copy: the shadow when there is one, else zeros (counted)."""
         r = self._real(src)
+        if r is None and self.loading and into is None:
+            return self.empty(src.shape, src.dtype, "cpu")
         if r is None:
             self.syncs["d2h"] += 1
             r = torch.zeros(src.shape, dtype=src.dtype)

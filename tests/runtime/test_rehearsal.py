@@ -69,6 +69,18 @@ def test_t2i_768_paged_int8_under_5gib(release):
     assert r.sdpa.get("flash", 0) > 0  # the unmasked denoise query takes flash on sm90
 
 
+def test_t2i_paged_int4_tinygemm_layers(release):
+    """int4 Linears repacked for tinygemm on the host while paging: the repack's host copies stay
+    fake (they had become bare meta tensors once the pager pointed them at a slot: every int4 row of
+    the matrix that streamed failed with a device mismatch)."""
+    from lance_deploy.planning.rehearsal import rehearse, request
+
+    r = rehearse(release, "t2i", "3GiB", req=request("t2i", steps=1),
+                 formats=expert_formats(FormatSpec("int4", group_size=128)))
+    assert r.streamed
+    _check(r)
+
+
 def test_x2t_image_all_resident(release):
     from lance_deploy.planning.rehearsal import rehearse, request
 

@@ -2,7 +2,9 @@
 
 A killed run can leave, depending on where it died (``writer.seal`` runs these steps in order):
 
-* ``OUT.partial`` with the marker file: unsealed work; cleared (the job folder keeps the layers).
+* ``OUT.partial`` with the marker file: unsealed work. A resuming quantizer keeps it when the
+  marker names this very job (the run id its job folder was created with): the finished layers are in
+  its shards and the job folder records their hashes. Otherwise it is cleared.
 * ``OUT.partial`` without the marker but with a lance-deploy manifest: killed after the manifest
   was written and the marker removed, before the final rename. Cleared and rebuilt when the
   manifest's source and recipe are this run's: its creation time too means this very job, and
@@ -29,6 +31,7 @@ from lance_deploy.artifact.manifest import MANIFEST_NAME, PRODUCER, ArtifactErro
 PARTIAL_MARKER = ".lance-deploy-partial"
 MARKER_TEXT = "unsealed artifact; safe to delete\n"
 OLD_INFIX = ".old-"
+JOB_LINE = "job "
 
 
 def _plain(value: Any) -> Any:
@@ -50,6 +53,20 @@ def made_by(folder: Path, owner: Mapping[str, Any] | None) -> bool:
     """Whether `folder`'s manifest carries `owner`'s values (source, recipe, created): this job's."""
     m = _manifest(folder)
     return bool(owner) and m is not None and all(m.get(k) == _plain(v) for k, v in owner.items())
+
+
+def marker_text(job: str | None) -> str:
+    """The marker of a partial folder; `job` names the run that may resume it (None: none may)."""
+    return MARKER_TEXT + (f"{JOB_LINE}{job}\n" if job else "")
+
+
+def is_resumable(partial: Path, job: str | None) -> bool:
+    """Whether `partial` is unsealed work that the run `job` wrote (kept to resume)."""
+    try:
+        text = (partial / PARTIAL_MARKER).read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(job) and f"{JOB_LINE}{job}\n" in text
 
 
 def remove_partial(partial: Path) -> None:

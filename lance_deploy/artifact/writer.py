@@ -43,10 +43,11 @@ from lance_deploy.artifact.manifest import (
     shard_path,
 )
 from lance_deploy.artifact.partial import (
-    MARKER_TEXT,
     PARTIAL_MARKER,
     clear_partial,
+    is_resumable,
     made_by,
+    marker_text,
     old_copy,
     recover_swap,
     remove_partial,
@@ -146,9 +147,12 @@ class ArtifactWriter:
     """Build ``out_dir`` in ``out_dir.partial/``; ``seal`` moves it into place (see module doc)."""
 
     def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool = False, layers_per_group: int = 12,
-                 num_layers: int | None = None, owner: Mapping[str, Any] | None = None):
+                 num_layers: int | None = None, owner: Mapping[str, Any] | None = None, resume: str | None = None):
         """``owner``: manifest values (source, recipe, created) that prove a leftover sealed
-        ``OUT.partial`` is this job's own (``artifact/partial.py``)."""
+        ``OUT.partial`` is this job's own (``artifact/partial.py``). ``resume``: an id of the run
+        (a quantize job's); its declared shards survive a kill (``SafetensorsWriter(resumable=True)``),
+        and an unsealed ``OUT.partial`` marked with the same id is kept (``resumed``), so the run
+        ``adopt``s what it had finished."""
         self.out_dir = Path(out_dir)
         self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
         self.overwrite, self.layers_per_group, self.num_layers = overwrite, layers_per_group, num_layers
@@ -160,10 +164,15 @@ class ArtifactWriter:
                 raise ArtifactError(f"{self.out_dir}: already holds this job's sealed artifact; nothing to resume "
                                     "(pass --overwrite to rebuild it)")
             _check_replaceable(self.out_dir, overwrite)
-            notes.append(clear_partial(self.partial, self.out_dir, owner))
-            self.partial.mkdir(parents=True)  # killed here: an empty folder, removed next time
-            (self.partial / PARTIAL_MARKER).write_text(MARKER_TEXT)
-            (self.partial / "weights").mkdir()
+            self.resume = resume
+            self.resumed = is_resumable(self.partial, resume)
+            if self.resumed:
+                notes.append(f"{self.partial}: resumed the unsealed folder of this job's interrupted run")
+            else:
+                notes.append(clear_partial(self.partial, self.out_dir, owner))
+                self.partial.mkdir(parents=True)  # killed here: an empty folder, removed next time
+                (self.partial / PARTIAL_MARKER).write_text(marker_text(resume))
+            (self.partial / "weights").mkdir(exist_ok=True)
         except BaseException:
             self._release()
             raise
@@ -195,7 +204,8 @@ class ArtifactWriter:
         shard = self._shard(decls[0].name, group)
         shard.decls = {d.name: d for d in decls}
         entries = [(_key(d.name, f), dtype, shape) for d in decls for f, dtype, shape in d.fields]
-        shard.writer = SafetensorsWriter(self.partial / shard.rel, entries, hash_file=False)  # tensors hashed one by one
+        shard.writer = SafetensorsWriter(self.partial / shard.rel, entries, hash_file=False,  # tensors hashed one by one
+                                         resumable=self.resume is not None)
 
     def declare_plan(self, entries: Iterable) -> list[str]:
         """Declare every group of a resolved plan (``QuantPlan.entries``; 'skip' entries are left
@@ -241,6 +251,41 @@ class ArtifactWriter:
         shard.meta[name], shard.hashes[name] = (spec, shape, tuple(tensors)), h.hexdigest()
         if shard.writer is not None and len(shard.meta) == len(shard.decls):
             self.close_group(shard.group)
+
+    def adopt(self, name: str, sha256: str, activation_amax: float | None = None) -> None:
+        """Take declared tensor `name` as already in its shard (a resumed run's finished layer)
+        instead of adding it: its bytes are read back and must hash to `sha256`, what `add`
+        recorded for them (``tensor_sha256``) before the kill."""
+        shard = self._shard(name, None)
+        decl = shard.decls.get(name)
+        if shard.writer is None or decl is None or not shard.writer.resumed:
+            raise ArtifactError(f"{name}: not in a reopened shard of a resumed artifact; nothing to adopt")
+        if name in shard.meta:
+            raise ArtifactError(f"{name}: added twice")
+        h = hashlib.sha256()
+        for f, _, _ in decl.fields:
+            h.update(shard.writer.adopt(_key(name, f)))
+        if h.hexdigest() != sha256:
+            raise ArtifactError(f"{self.partial / shard.rel}: {name} no longer holds the bytes this job wrote; "
+                                "pass --restart to quantize again from the start")
+        if activation_amax is not None:
+            self._amax[name] = float(activation_amax)
+        shard.meta[name], shard.hashes[name] = (decl.spec, decl.shape, tuple(f for f, _, _ in decl.fields)), sha256
+        if len(shard.meta) == len(shard.decls):
+            self.close_group(shard.group)
+
+    def tensor_sha256(self, name: str) -> str:
+        """The sha256 `add` recorded for `name` (what `adopt` checks on a resume)."""
+        for shard in self._open.values():
+            if name in shard.hashes:
+                return shard.hashes[name]
+        return self._records[name].sha256
+
+    def sync(self) -> None:
+        """Make every tensor added so far durable (closed shards already are)."""
+        for shard in self._open.values():
+            if shard.writer is not None:
+                shard.writer.sync()
 
     def close_group(self, group: str) -> GroupRecord:
         """Finish a group's shard (buffered groups are written now) and record its tensors."""

@@ -39,10 +39,16 @@ class SafetensorsWriter:
     ``close()`` - or use ``with`` - which fsyncs and renames the temporary file
     into place. On an exception inside ``with``, or when entries are left
     unwritten, the temporary file is removed and nothing appears at ``path``.
+
+    ``resumable=True`` (a quantizer's artifact shards): the temporary file has a fixed name
+    (``.NAME.part``) and is kept by ``abort``, so a killed writer's bytes survive; a new writer
+    with the same entries reopens it (a finished ``path`` is moved back first), ``resumed`` says
+    so, and ``adopt(name)`` takes a tensor already in it instead of writing it again. ``sync()``
+    makes what was written durable.
     """
 
     def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None, hash_file: bool = True):
+                 metadata: dict[str, str] | None = None, hash_file: bool = True, resumable: bool = False):
         self.path = Path(path)
         header: dict[str, object] = {}
         if metadata is not None:
@@ -71,10 +77,21 @@ class SafetensorsWriter:
                                             else None)
         self._hashed = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.resumable = resumable
+        head = len(raw).to_bytes(8, "little") + raw
+        if resumable:
+            self._tmp = self.path.with_name(f".{self.path.name}.part")
+            if self.path.exists() and not self._tmp.exists():
+                os.replace(self.path, self._tmp)  # a finished shard of an unsealed artifact: reopened
+            self.resumed = self._tmp.is_file() and _starts_with(self._tmp, head)
+        else:
+            self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            self.resumed = False
+        flags = os.O_RDWR | os.O_CREAT | (0 if self.resumed else os.O_TRUNC)
+        self._fd = os.open(self._tmp, flags, 0o644)
         try:
-            self._pwrite(len(raw).to_bytes(8, "little") + raw, 0)
+            if not self.resumed:
+                self._pwrite(head, 0)
         except BaseException:
             self.abort()
             raise
@@ -106,6 +123,26 @@ class SafetensorsWriter:
             else:
                 self._hash = None  # out of order: no digest
         self._written.add(name)
+
+    def adopt(self, name: str) -> bytes:
+        """Take declared tensor `name` as already in the reopened file (a resumed writer); returns
+        its bytes, for the caller to check against what it recorded when it wrote them."""
+        if not self.resumed:
+            raise CheckpointError(f"{self.path}: nothing to adopt {name!r} from (the file was not reopened)")
+        if name not in self._layout or name in self._written:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not declared, or already written")
+        _, _, pos, nbytes = self._layout[name]
+        data = os.pread(self._fd, nbytes, self._data_start + pos) if nbytes else b""
+        if len(data) != nbytes:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is cut short in the reopened file")
+        self._hash = None  # the file digest covers bytes written in order by this writer only
+        self._written.add(name)
+        return data
+
+    def sync(self) -> None:
+        """Make every byte written so far durable (a resumable writer's progress point)."""
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
 
     @property
     def sha256(self) -> str | None:
@@ -141,10 +178,16 @@ class SafetensorsWriter:
             os.close(dir_fd)
 
     def abort(self) -> None:
-        """Drop the temporary file; nothing is created at ``path``."""
+        """Drop the temporary file (a resumable writer keeps it); nothing is created at ``path``."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if not self.resumable:
+            self._tmp.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Drop the temporary file, resumable or not."""
+        self.abort()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "SafetensorsWriter":
@@ -159,3 +202,9 @@ class SafetensorsWriter:
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
             self.abort()
+
+
+def _starts_with(path: Path, head: bytes) -> bool:
+    """Whether the file at `path` begins with `head` (same header: same entries, same layout)."""
+    with open(path, "rb") as f:
+        return f.read(len(head)) == head

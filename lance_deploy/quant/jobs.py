@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class JobState:
 
     work_dir: Path
     created: str = ""
+    run_id: str = ""  # fixed when the job is created: names the partial artifact it may resume
     _progress: dict[str, Any] = field(default_factory=dict)
     _lock: PathLock | None = None
 
@@ -122,6 +124,7 @@ class JobState:
                     f"{shown or 'fingerprint differs'}. Resuming would mix two quantizations; pass --restart to "
                     "discard its progress, or use another --work")
             self.created = saved["created"]
+            self.run_id = saved.get("run_id") or uuid.uuid4().hex
             progress = self.work_dir / PROGRESS
             self._progress = self._read_json(progress) if progress.exists() else self._empty(fingerprint)
             if self._progress.get("fingerprint") != fingerprint.digest:
@@ -131,6 +134,7 @@ class JobState:
                 stale.unlink()
             return bool(self._progress.get("done"))
         self.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.run_id = uuid.uuid4().hex
         self._progress = self._empty(fingerprint)
         self._write_args(fingerprint, args)
         self._write_progress()
@@ -154,7 +158,7 @@ class JobState:
 
     def _write_args(self, fp: JobFingerprint, args: Mapping[str, Any] | None) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        data = {"fingerprint": fp.digest, "created": self.created, "parts": fp.parts, "args": dict(args or {})}
+        data = {"fingerprint": fp.digest, "created": self.created, "run_id": self.run_id, "parts": fp.parts, "args": dict(args or {})}
         with atomic_path(self.work_dir / ARGS) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 
@@ -199,6 +203,16 @@ class JobState:
         if output_sha256 is not None:
             self._progress["outputs"][step] = output_sha256
         self._write_progress()
+
+    def forget(self, steps) -> None:
+        """Mark `steps` unfinished again (their outputs were lost elsewhere, e.g. with a partial artifact)."""
+        self._check_started()
+        gone = [s for s in steps if s in self._progress["done"]]
+        if gone:
+            self._progress["done"] = [s for s in self._progress["done"] if s not in gone]
+            for s in gone:
+                self._progress["outputs"].pop(s, None)
+            self._write_progress()
 
     def step_path(self, step: str) -> Path:
         return self.work_dir / STEPS / f"{_check_step(step)}.safetensors"

@@ -2,15 +2,20 @@
 
 The source is streamed: shared tensors (embeddings, heads, bridges, ViT, VAE) tensor by tensor,
 the decoder one layer at a time (only that layer's fp32 weights are live, plus the calibration
-programs' hidden states). Each finished layer is saved in the job folder under a fingerprint of
-source, recipe and calibration, so an interrupted run resumes where it stopped and produces the
-same bytes; the artifact is assembled in `<out>.partial/` and renamed when sealed.
+programs' hidden states). The artifact is assembled in `<out>.partial/` and renamed when sealed.
+Each finished layer is written once, into its shards there, made durable, and then recorded in
+the job folder (under a fingerprint of source, recipe and calibration) with the sha256 of each of
+its tensors, the calibration hidden states after it and its W8A8 input amax values. An
+interrupted run keeps the partial folder, takes the recorded layers back from it (each checked
+against its hash) and goes on from the next one, so it produces the same bytes; if the partial
+folder is gone, the layers are quantized again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -31,7 +36,6 @@ from lance_deploy.core.host_memory import fix_mmap_threshold
 from lance_deploy.core.lock import PathLock
 from lance_deploy.core.overlap import WriteBehind, read_ahead
 from lance_deploy.core.progress import bar as progress_bar
-from lance_deploy.formats import PackedTensor
 from lance_deploy.model.mot import MoTLayer
 from lance_deploy.quant.apply import LinearJob, linear_jobs
 from lance_deploy.quant.jobs import JobFingerprint, JobState, source_fingerprint
@@ -101,23 +105,6 @@ def _layer_tensors(plan: QuantPlan, index: int, layer: MoTLayer, result) -> dict
     return out
 
 
-def _flatten(tensors: dict) -> dict[str, torch.Tensor]:
-    flat = {}
-    for name, v in tensors.items():
-        flat.update(v.to_tensors(name) if isinstance(v, PackedTensor) else {name: v.contiguous()})
-    return flat
-
-
-def _unflatten(plan: QuantPlan, index: int, flat: dict[str, torch.Tensor]) -> dict:
-    out = {}
-    for e in plan.entries:
-        if cn.layer_of(e.name) != index or e.format == "skip":
-            continue
-        out[e.name] = (PackedTensor.from_tensors(e.name, flat, e.spec(), tuple(e.shape)) if e.packed
-                       else flat[e.name])
-    return out
-
-
 def job_dir(out_dir, work_dir=None) -> Path:
     """The job folder of a run: ``--work``, or ``OUT.job`` beside the artifact."""
     out_dir = Path(out_dir)
@@ -169,10 +156,14 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     read, lance = _shared_source(layout)
     # what the manifest will carry: proves a sealed-but-unrenamed OUT.partial is this job's own
     owner = {"source": source.to_dict(), "recipe": recipe.to_dict(), "created": job.created}
-    writer = ArtifactWriter(out_dir, overwrite=overwrite, num_layers=cfg.num_hidden_layers, owner=owner)
+    writer = ArtifactWriter(out_dir, overwrite=overwrite, num_layers=cfg.num_hidden_layers, owner=owner,
+                            resume=job.run_id)
     writer.declare_plan(plan.entries)
     resumed = 0
-    todo = [i for i in range(cfg.num_hidden_layers) if not job.is_done(f"layer-{i:03d}")]
+    steps = [f"layer-{i:03d}" for i in range(cfg.num_hidden_layers)]
+    if not writer.resumed:  # the shards that held the finished layers are gone: quantize them again
+        job.forget(steps)
+    todo = [i for i in range(cfg.num_hidden_layers) if not job.is_done(steps[i])]
     shared = [e for e in plan.entries if cn.layer_of(e.name) is None and e.format != "skip"]
     # the reader thread loads the next tensors / layers while this thread packs; the write-behind
     # thread saves each finished layer and streams it into the artifact (core/overlap.py)
@@ -184,21 +175,20 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
           WriteBehind() as behind):
         for e in shared:  # written here, not behind: two 1.24 GB fp32 tables in flight would pass 3 GB
             writer.add(e.name, next(source))
-        for index in range(cfg.num_hidden_layers):
-            step = f"layer-{index:03d}"
+        for index, step in enumerate(steps):
             if index not in todo:
-                flat, _ = job.load_step(step)
-                hidden = _restore_hidden(flat, programs, hidden)
+                kept, meta = job.load_step(step)
+                hidden = _restore_hidden(kept, programs, hidden)
                 resumed += 1
-                behind.submit(functools.partial(_add_layer, writer, plan, index, flat, bar))
+                behind.submit(functools.partial(_adopt_layer, writer, kept, meta, bar))
                 continue
             layer = next(source)
             result, hidden = quantize_one_layer(layer, _jobs(plan, index), cfg, programs, hidden, device,
                                                 amax=_amax_choice(recipe))
-            flat = (_flatten(_layer_tensors(plan, index, layer, result)) | _hidden_tensors(hidden)
-                    | _amax_tensors(plan, index, result))
+            tensors = _layer_tensors(plan, index, layer, result)
+            kept = _hidden_tensors(hidden) | _amax_tensors(plan, index, result)
             del layer, result
-            behind.submit(functools.partial(_save_layer, job, step, writer, plan, index, flat, bar))
+            behind.submit(functools.partial(_save_layer, job, step, writer, tensors, kept, bar))
     summary = _calibration_summary(programs, recipe)
     writer.seal(**owner, calibration=summary, source_dir=layout.model_dir)
     notes = (writer.recovered,) if writer.recovered else ()
@@ -219,19 +209,30 @@ def _fp32_bytes(entries) -> int:
     return sum(4 * math.prod(e.shape) for e in entries)
 
 
-def _save_layer(job: JobState, step: str, writer: ArtifactWriter, plan: QuantPlan, index: int, flat, bar) -> None:
-    """Write-behind: the layer's resume step first (then it counts as done), then its artifact tensors."""
-    job.save_step(step, flat)
+def _save_layer(job: JobState, step: str, writer: ArtifactWriter, tensors: dict, kept: dict, bar) -> None:
+    """Write-behind: the layer's tensors into the artifact's shards, made durable; then its job
+    step (hidden states, amax values, each tensor's sha256), and then it counts as done."""
+    for name, value in tensors.items():
+        writer.add(name, value, activation_amax=_amax_of(kept, name))
+    writer.sync()
+    hashes = {name: writer.tensor_sha256(name) for name in tensors}
+    job.save_step(step, kept, meta={LAYER_HASHES: json.dumps(hashes, sort_keys=True)})
     fault_point("quantize.layer-done")
-    _add_layer(writer, plan, index, flat, bar)
-
-
-def _add_layer(writer: ArtifactWriter, plan: QuantPlan, index: int, flat, bar) -> None:
-    for name, value in _unflatten(plan, index, flat).items():
-        amax = flat.get(f"{AMAX_KEY}.{name}")
-        writer.add(name, value, activation_amax=None if amax is None else float(amax))
     if bar is not None:
         bar.update(1)
+
+
+def _adopt_layer(writer: ArtifactWriter, kept: dict, meta: dict, bar) -> None:
+    """Write-behind, resuming: a finished layer's tensors back from the kept shards, hash-checked."""
+    for name, sha in json.loads(meta[LAYER_HASHES]).items():
+        writer.adopt(name, sha, activation_amax=_amax_of(kept, name))
+    if bar is not None:
+        bar.update(1)
+
+
+def _amax_of(kept: dict, name: str) -> float | None:
+    amax = kept.get(f"{AMAX_KEY}.{name}")
+    return None if amax is None else float(amax)
 
 
 def _open_job(model_path, recipe: Recipe, work_dir: Path, vit, vae, device, restart: bool):
@@ -241,7 +242,7 @@ def _open_job(model_path, recipe: Recipe, work_dir: Path, vit, vae, device, rest
         check_vae_file(layout.vae_file)
     calib = recipe.calibration.to_dict() if (recipe.calibration and recipe.needs_calibration) else None
     source = source_fingerprint(layout)
-    fingerprint = JobFingerprint.of(source.to_dict(), recipe.to_dict(), calib, __version__)
+    fingerprint = JobFingerprint.of(source.to_dict(), recipe.to_dict(), calib, __version__, layer_steps=LAYER_STEPS)
     job = JobState(work_dir)
     job.start(fingerprint, {"device": str(device)}, restart=restart)
     return layout, (job, source)
@@ -257,6 +258,11 @@ def calibrate(model_path, recipe: Recipe, work_dir, *, device="cpu", restart=Fal
                                     recipe)
 
 
+LAYER_STEPS = "artifact-hashes"
+"""What a layer's job step holds, part of the job fingerprint: the hashes of the layer's tensors in
+the kept partial artifact, not a second copy of them (an older job folder, which holds the copy,
+is refused with this named, and `--restart` starts it over)."""
+LAYER_HASHES = "tensor_sha256"  # job-step metadata key: {canonical name: sha256 of its stored fields}
 AMAX_KEY = "act_amax"  # job-step key prefix of a W8A8 Linear's calibrated input amax (so a resume keeps it)
 
 

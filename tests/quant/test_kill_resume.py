@@ -102,3 +102,41 @@ def test_kill_at_every_named_point_and_random_writes(clean, tmp_path_factory):
         _kill_and_resume(clean, tmp_path_factory.mktemp("kill"), point)
     print(f"killed and resumed at {len(points)} points: {', '.join(points)}")
 
+
+
+def _killed_after_one_layer(tmp_path):
+    out = tmp_path / "art"
+    env = {**os.environ, "LANCE_DEPLOY_FAULT": "kill@quantize.layer-done#1"}
+    proc = subprocess.run([sys.executable, "-m", "lance_deploy", *_args(out, False)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return out
+
+
+def test_a_resume_takes_finished_layers_from_the_partial_artifact(clean, tmp_path):
+    """Each layer is written once, into the artifact's shards: its job step keeps only the hashes
+    (and hidden states / amax of calibrated recipes), so the job folder holds no second copy."""
+    out = _killed_after_one_layer(tmp_path)
+    steps = tmp_path / "art.job" / "steps"
+    layer0 = steps / "layer-000.safetensors"
+    assert layer0.stat().st_size < 4096  # the layer's packed weights are ~1 MB; the step holds its hashes
+    assert list((tmp_path / "art.partial" / "weights").glob(".*.part"))  # the killed run's shards, kept
+    res = CliRunner().invoke(cli, _args(out, False))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["resumed_layers"] == 1 and "resumed the unsealed folder" in res.stderr
+    _same_artifact(clean, out)
+
+
+def test_a_changed_byte_in_a_kept_shard_is_refused_with_a_fix(tmp_path):
+    out = _killed_after_one_layer(tmp_path)
+    part = next(p for p in (tmp_path / "art.partial" / "weights").glob(".und-*.part"))
+    data = bytearray(part.read_bytes())
+    data[-1024] ^= 0xFF  # inside layer 0's tensors (the shard's file ends where its last write did)
+    part.write_bytes(bytes(data))
+    res = CliRunner().invoke(cli, _args(out, False))
+    assert res.exit_code != 0 and "Traceback" not in res.stderr
+    assert "no longer holds the bytes this job wrote; pass --restart" in res.stderr
+    res = CliRunner().invoke(cli, [*_args(out, False), "--restart"])
+    assert res.exit_code == 0, res.output
+    with ArtifactReader(out) as r:
+        r.verify()

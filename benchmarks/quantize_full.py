@@ -3,7 +3,8 @@
 Each recipe runs in a fresh subprocess (so its peak RSS is its own); the baseline in the same run
 is one sequential positioned read of the files the quantizer reads (model, ViT, VAE), and the
 I/O floor is that read while another thread writes (and fsyncs, per 256 MiB file) as many bytes
-as the first recipe wrote: its artifact plus its job folder's resume steps.
+as the first recipe wrote: its artifact plus its job folder. Each starts with the source files
+evicted from the page cache.
 
     python benchmarks/quantize_full.py --model /path/Lance_3B --recipes fp8-rtn int8-rtn --out /scratch/q
 """
@@ -22,6 +23,17 @@ import time
 from pathlib import Path
 
 from load_memory import _read_once
+
+
+def _evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache, so every measurement starts cold (a 27 GB release
+    may be partly cached by whatever ran before, which made two runs of the same command disagree 2x)."""
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -54,6 +66,9 @@ def _read_while_writing(files: list[Path], nbytes: int, scratch: Path) -> float:
 
 
 def _child(model: str, recipe: str, out: str) -> None:
+    from lance_deploy.core.host_memory import prefer_huge_pages
+
+    prefer_huge_pages()  # what the CLI does before torch is imported
     from lance_deploy.quant.quantize import quantize
     from lance_deploy.quant.recipe import load_recipe
 
@@ -78,12 +93,14 @@ def main() -> None:
     layout = discover(args.model)
     files = [layout.weights_file] + ([layout.vit_file] if layout.vit_file and not layout.has_bundled_vit else [])
     files += [layout.vae_file] if layout.vae_file else []
+    _evict(files)
     read_s = _read_once(files)
     gib = 1024**3
     print(f"read once: {sum(f.stat().st_size for f in files) / gib:.2f} GiB in {read_s:.1f} s")
     rows, floor = [], None
     for recipe in args.recipes:
         out = Path(args.out) / recipe
+        _evict(files)
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--out", args.out,
                                "--child", recipe, str(out)], capture_output=True, text=True, check=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -91,8 +108,9 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(str(out) + ".job", ignore_errors=True)
         if floor is None:
+            _evict(files)
             floor = _read_while_writing(files, written, Path(args.out) / "io-floor")
-            print(f"read once while writing {written / gib:.2f} GiB (artifact + resume steps): {floor:.1f} s")
+            print(f"read once while writing {written / gib:.2f} GiB (artifact + job folder): {floor:.1f} s")
         rows.append(f"| {recipe} | {r['bytes'] / gib:.2f} | {written / gib:.2f} | {r['peak_rss_bytes'] / gib:.2f} | "
                     f"{r['seconds']:.1f} | {read_s:.1f} | {floor:.1f} | {r['seconds'] / read_s:.2f}x | "
                     f"{r['seconds'] / floor:.2f}x |")

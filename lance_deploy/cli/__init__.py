@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import sys
 
-import click
+from lance_deploy.core.host_memory import prefer_huge_pages
 
-from lance_deploy import __version__
-from lance_deploy.cli.common import LanceGroup
+prefer_huge_pages()  # before torch is imported (click's commands import it): see core/host_memory.py
+
+import click  # noqa: E402
+
+from lance_deploy import __version__  # noqa: E402
+from lance_deploy.cli.common import LanceGroup  # noqa: E402
 
 
 @click.group(cls=LanceGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -44,3 +44,36 @@ def test_freed_blocks_leave_rss_once_the_threshold_is_fixed():
 
     assert grown("dynamic") > 200  # glibc's default keeps the freed heap resident
     assert grown("fixed") < 40  # the kept 8 MiB block, and little else
+
+
+FAULTS = """
+import resource, sys
+from lance_deploy.cli import cli  # the CLI asks for huge pages before it imports torch
+import torch
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.empty(256 << 20, dtype=torch.uint8)
+x.fill_(1)  # touches 256 MiB: 65,536 faults on 4 KiB pages, ~128 on huge pages
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _thp_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_available(), reason="no transparent huge pages on this kernel")
+def test_the_cli_puts_big_tensors_on_huge_pages():
+    import os
+
+    def faults(**env) -> int:
+        base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        run = subprocess.run([sys.executable, "-c", FAULTS], env={**base, **env}, capture_output=True, text=True,
+                             check=True)
+        return int(run.stdout.split()[-1])
+
+    huge, small = faults(), faults(THP_MEM_ALLOC_ENABLE="0")  # the user's own setting wins
+    assert small > 60_000 and huge < small / 10, (huge, small)

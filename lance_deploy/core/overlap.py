@@ -1,7 +1,7 @@
 """Overlap disk and CPU work: read the next items on one thread, write finished ones on another.
 
-A full-size quantize reads ~25 GB (disk-bound), packs it (CPU-bound) and writes ~9 GB twice
-(the artifact and the job's resume steps). Run one after the other those add up; with
+A full-size quantize reads ~27 GB (disk-bound), packs it (CPU-bound) and writes the ~9 GB
+artifact. Run one after the other those add up; with
 `read_ahead` and `WriteBehind` around the CPU loop they overlap, so the run approaches the
 time of one read (`benchmarks/quantize_full.py`). Both are bounded, so memory stays at a few
 items: `read_ahead` holds at most `max_bytes` of loaded items (one larger item is loaded alone),

@@ -204,7 +204,7 @@ def rowwise(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], w: torch.T
     return out
 
 
-def row_absmax(w: torch.Tensor) -> torch.Tensor:
-    """max |w| over each row of w [out, k] -> [out, 1] fp32, without an |w| temporary."""
+def row_absmax(w: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """max |w| along `dim` (kept, size 1) in fp32, without an |w| temporary: of w [out, k] -> [out, 1]."""
     w = w.float()
-    return torch.maximum(w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True).neg_())
+    return torch.maximum(w.amax(dim=dim, keepdim=True), w.amin(dim=dim, keepdim=True).neg_())

@@ -33,7 +33,8 @@ def params(w: torch.Tensor, spec: FormatSpec) -> tuple[torch.Tensor, None]:
 def _codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # Divide (not multiply by a reciprocal) everywhere, so packing a fake-quantized weight with
     # the same scale reproduces the same codes: GPTQ relies on that.
-    return (w.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    # One fp32 copy, divided in place (never w itself, which may already be fp32).
+    return w.to(torch.float32, copy=True).div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: FormatSpec) -> torch.Tensor:
@@ -55,7 +56,7 @@ def dequantize(p: PackedTensor) -> torch.Tensor:
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token fp8: x [..., in] -> (codes float8_e4m3fn [..., in], scale fp32 [..., 1])."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_TINY)
+    scale = (row_absmax(x, dim=-1) / FP8_MAX).clamp_min(_TINY)
     return _codes(x, scale), scale
 
 

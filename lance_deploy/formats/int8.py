@@ -33,7 +33,8 @@ def params(w: torch.Tensor, spec: FormatSpec) -> tuple[torch.Tensor, None]:
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.round(w.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    # One fp32 copy, divided and rounded in place (never w itself, which may already be fp32).
+    return w.to(torch.float32, copy=True).div_(scale).round_().clamp_(-QMAX, QMAX).to(torch.int8)
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: None, spec: FormatSpec) -> torch.Tensor:
@@ -55,7 +56,7 @@ def dequantize(p: PackedTensor) -> torch.Tensor:
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token int8: x [..., in] -> (codes int8 [..., in], scale fp32 [..., 1])."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / QMAX).clamp_min(_TINY)
+    scale = (row_absmax(x, dim=-1) / QMAX).clamp_min(_TINY)
     return _codes(x, scale), scale
 
 

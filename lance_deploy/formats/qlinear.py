@@ -218,8 +218,8 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # what this allocates beyond x at its peak is `input_transient_bytes` (the planner counts it)
-        if self.smooth is not None:
-            x = (x.float() / self.smooth).to(x.dtype)
+        if self.smooth is not None:  # one fp32 copy divided in place, then back to x's dtype
+            x = x.to(torch.float32, copy=True).div_(self.smooth).to(x.dtype)
         kernel = self.kernel(x)
         if kernel == "linear":
             return F.linear(x, self.qdata.to(x.dtype), self._bias(x.dtype))
@@ -337,10 +337,17 @@ def _nf4_bnb(x: torch.Tensor, p: PackedTensor, bias: torch.Tensor | None) -> tor
 
 
 def input_transient_bytes(smooth: bool, w8a8: bool) -> int:
-    """Bytes per input element that `QLinear.forward` holds beyond its input at its peak, for rows
-    where it matters (the denoise and prefill calls of thousands of rows): the smooth division
-    keeps `x.float()` and its fp32 quotient (8), then a smoothed copy at the input dtype (2); the
-    per-token activation quantization keeps `x.float()` and `abs` (8). Weight-only paths: 0 (their
+    """Bytes per element of an expert's widest MLP tensor ([rows, intermediate]) that its packed
+    Linears hold at their peak beyond a bf16 input or output, for rows where it matters (the
+    denoise and prefill calls of thousands of rows); the planner counts this at the MLP moment.
+
+    What `forward` holds, measured on fake CUDA (tests/formats/test_input_transients.py): the smooth
+    division keeps one fp32 copy divided in place and the smoothed bf16 copy (6); per-token
+    activation quantization one fp32 copy scaled in place beside its 1-byte codes (5, 7 after a
+    smooth); a W8A8 GEMM's epilogue, on the gate / up outputs, int32 and fp32 (6 beyond the output).
+    The figures below are larger (8; 10 smoothed W8A8): with the measured ones the rehearsal's t2v
+    W8A8 denoise peak came out 1.06-1.11x the plan (docs/benchmarks.md), a gap not yet traced, so the
+    planner keeps the figures the whole matrix was within 3.4 % of. Weight-only paths: 0 (their
     weight scratch is counted per call, not per row)."""
     per_token = 8 if w8a8 else 0
     if smooth:

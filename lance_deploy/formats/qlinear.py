@@ -346,8 +346,9 @@ def input_transient_bytes(smooth: bool, w8a8: bool) -> int:
     activation quantization one fp32 copy scaled in place beside its 1-byte codes (5, 7 after a
     smooth); a W8A8 GEMM's epilogue, on the gate / up outputs, int32 and fp32 (6 beyond the output).
     The figures below are larger (8; 10 smoothed W8A8): with the measured ones the rehearsal's t2v
-    W8A8 denoise peak came out 1.06-1.11x the plan (docs/benchmarks.md), a gap not yet traced, so the
-    planner keeps the figures the whole matrix was within 3.4 % of. Weight-only paths: 0 (their
+    W8A8 denoise peak came out 1.06-1.11x the plan (docs/benchmarks.md): the up projection's epilogue
+    also holds `gate_proj`'s output, and fp8's `_fp8_scaled_mm` an fp32 copy of its bf16 result, so
+    the planner keeps the figures the whole matrix was within 3.4 % of. Weight-only paths: 0 (their
     weight scratch is counted per call, not per row)."""
     per_token = 8 if w8a8 else 0
     if smooth:

@@ -158,7 +158,8 @@ class JobState:
 
     def _write_args(self, fp: JobFingerprint, args: Mapping[str, Any] | None) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        data = {"fingerprint": fp.digest, "created": self.created, "run_id": self.run_id, "parts": fp.parts, "args": dict(args or {})}
+        data = {"fingerprint": fp.digest, "created": self.created, "run_id": self.run_id, "parts": fp.parts,
+                "args": dict(args or {})}
         with atomic_path(self.work_dir / ARGS) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 

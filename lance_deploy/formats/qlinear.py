@@ -243,7 +243,9 @@ class QLinear(nn.Module):
             w = self.qdata_t.t() if self.prepared == "int8_t" else self.qdata
             y = _w8a8_static(x2, w, self.scale, int8 if self.spec.name == "int8" else fp8, self.act_amax)
         elif kernel == "fp8_scaled_mm":
-            y = _fp8_scaled_mm(x2, self.qdata.t(), self.scale)
+            y = _fp8_scaled_mm(x2, self.qdata.t(), self.scale)  # bf16, both scales applied
+            if self.bias is not None:
+                y = y.float()  # the bias added in fp32, as on every other path
         elif kernel == "fp8_w8a8_reference":
             y = _fp8_w8a8_reference(x2, self.qdata, self.scale)
         else:
@@ -280,13 +282,13 @@ def _fp8_w8a8_reference(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tenso
 
 
 def _fp8_scaled_mm(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp8 tensor-core GEMM with row-wise scales: x [n, in] . w_t [in, out] -> fp32 [n, out].
+    """fp8 tensor-core GEMM with row-wise scales: x [n, in] . w_t [in, out] -> bf16 [n, out]. No fp32
+    copy of the result: on an MLP's [rows, 11008] gate / up output it was the t2v denoise peak (2 GiB).
 
     `w_t` must be column-major (qdata [out, in] row-major, transposed as a view): cuBLASLt's
     fp8 GEMM takes no other layout, and `_scaled_mm` refuses one (the rehearsal test shows it)."""
     xq, xs = fp8.quantize_activations(x.contiguous())
-    y = torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=scale.float().t(), out_dtype=torch.bfloat16)
-    return y.float()
+    return torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=scale.float().t(), out_dtype=torch.bfloat16)
 
 
 def _w8a8_static(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, fmt, amax: float) -> torch.Tensor:
@@ -336,29 +338,30 @@ def _nf4_bnb(x: torch.Tensor, p: PackedTensor, bias: torch.Tensor | None) -> tor
     return bnb.matmul_4bit(x, p.qdata.reshape(-1, 1).t(), bias=bias, quant_state=state)
 
 
-def input_transient_bytes(smooth: bool, w8a8: bool) -> int:
+def input_transient_bytes(smooth: bool, w8a8: str | None) -> int:
     """Bytes per element of an expert's widest MLP tensor ([rows, intermediate]) that its packed
     Linears hold at their peak beyond a bf16 input or output, for rows where it matters (the
     denoise and prefill calls of thousands of rows); the planner counts this at the MLP moment.
+    `w8a8`: the name of the format that quantizes activations ("fp8_e4m3", "int8"), or None.
 
     What `forward` holds, measured on fake CUDA (tests/formats/test_input_transients.py): the smooth
     division keeps one fp32 copy divided in place and the smoothed bf16 copy (6); per-token
     activation quantization one fp32 copy scaled in place beside its 1-byte codes (5, 7 after a
-    smooth); a W8A8 GEMM's epilogue, on the gate / up outputs, int32 and fp32 (6 beyond the output).
-    The figures below are larger (8; 10 smoothed W8A8): with the measured ones the rehearsal's t2v
-    W8A8 denoise peak came out 1.06-1.11x the plan (docs/benchmarks.md): the up projection's epilogue
-    also holds `gate_proj`'s output, and fp8's `_fp8_scaled_mm` an fp32 copy of its bf16 result, so
-    the planner keeps the figures the whole matrix was within 3.4 % of. Weight-only paths: 0 (their
-    weight scratch is counted per call, not per row)."""
-    per_token = 8 if w8a8 else 0
+    smooth), on the down projection's input. On the gate / up outputs, int8's GEMM epilogue holds
+    its int32 result and an fp32 copy (6 beyond the output) while `gate_proj`'s output lives; fp8's
+    `_scaled_mm` writes bf16 and holds nothing more. The figures: fp8 W8A8 5, int8 W8A8 8, anything
+    smoothed 8 (10 with W8A8), the last three the ones the rehearsal matrix was within 3.4 % of
+    (docs/benchmarks.md). fp8 W8A8 on a GPU without fp8 tensor cores (before sm89) takes the fp32
+    reference path, which holds more: use the int8 recipes there. Weight-only paths: 0 (their weight
+    scratch is counted per call, not per row)."""
     if smooth:
-        return max(8, 2 + per_token)
-    return per_token
+        return 10 if w8a8 else 8
+    return {None: 0, "fp8_e4m3": 5}.get(w8a8, 8)
 
 
 def expert_input_transients(linears) -> tuple[int, int]:
     """(und, gen): the most `input_transient_bytes` of each expert's packed Linears, from
-    (expert, smooth?, w8a8?) triples; shared tensors (expert None) do not count."""
+    (expert, smooth?, W8A8 format name or None) triples; shared tensors (expert None) do not count."""
     most = {"und": 0, "gen": 0}
     for expert, smooth, w8a8 in linears:
         if expert in most:

@@ -146,7 +146,8 @@ class ModelInfo:
         from lance_deploy.checkpoint.canonical import expert_of
         from lance_deploy.formats.qlinear import expert_input_transients
 
-        return expert_input_transients((expert_of(t.name), "smooth" in t.fields, t.spec.get("activations") is not None)
+        return expert_input_transients((expert_of(t.name), "smooth" in t.fields,
+                                        t.spec.get("name") if t.spec.get("activations") else None)
                                        for t in self.manifest.tensors if t.spec is not None)
 
     def with_packed(self, stored: dict[str, int], linear_input: tuple[int, int] = (0, 0)) -> ModelInfo:

@@ -221,7 +221,7 @@ def planner_info(model, task: str, formats: dict | None = None) -> ModelInfo:
 
     lm = build_on_meta(lambda: LanceLM(info.cfg, with_gen=spec.gen, with_lm_head=spec.lm_head), lambda m: None)
     formats = loaded_formats(lm, formats)
-    transients = expert_input_transients((expert_of(p), smooth, fmt.activations is not None)
+    transients = expert_input_transients((expert_of(p), smooth, fmt.name if fmt.activations else None)
                                          for p, (fmt, smooth) in formats.items())
     return info.with_packed(packed_bytes(formats, {p: tuple(lm.get_submodule(p).weight.shape) for p in formats}),
                             transients)

@@ -9,7 +9,8 @@ does from its plan) or buffered in memory until ``close_group`` (fine for small 
 Everything happens in ``<out>.partial/`` (with a marker file); ``seal`` writes ``manifest.json``
 last, copies the config and tokenizer, and renames the folder into place, so a half-written
 artifact never looks valid. One writer per artifact (the lock ``<out>.lock``, ``core/lock.py``);
-what a killed writer left behind is recognised and cleared by ``artifact/partial.py``.
+what a killed writer left behind is recognised by ``artifact/partial.py``: cleared, or kept
+for a resuming quantizer (``resume``), which ``adopt``s the tensors it had finished.
 ``ArtifactReader`` is re-exported from ``artifact_reader``.
 """
 

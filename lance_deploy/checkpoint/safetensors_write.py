@@ -185,11 +185,6 @@ class SafetensorsWriter:
         if not self.resumable:
             self._tmp.unlink(missing_ok=True)
 
-    def discard(self) -> None:
-        """Drop the temporary file, resumable or not."""
-        self.abort()
-        self._tmp.unlink(missing_ok=True)
-
     def __enter__(self) -> "SafetensorsWriter":
         return self
 

@@ -70,13 +70,18 @@ def test_a_killed_replica_is_replaced_and_its_jobs_rerun_or_fail_cleanly(ray_url
     long = {"prompt": "waves", "size": "64x64", "frames": 5, "steps": 40}
     ids = [httpx.post(f"{ray_url}/v1/videos", json=long, timeout=60).json()["id"] for _ in range(6)]
     deadline = time.monotonic() + 120
-    victim = None
-    while victim is None and time.monotonic() < deadline:  # a replica that is running one of them
-        running = [j for j in (_job(ray_url, i) for i in ids) if j["status"] == "running" and j["progress"]["step"]]
-        victim = running[0]["replica"] if running else None
-        time.sleep(0.2)
+    victim, on_victim = None, []
+    while victim is None and time.monotonic() < deadline:
+        # a replica early in one of them, so that it is still running when the kill lands; the jobs it
+        # holds are those not yet ended in the same snapshot (one that ended before the kill needs no rerun)
+        snapshot = {i: _job(ray_url, i) for i in ids}
+        early = [j for j in snapshot.values() if j["status"] == "running"
+                 and 1 <= j["progress"]["step"] <= long["steps"] // 2]
+        if early:
+            victim = early[0]["replica"]
+            on_victim = [i for i, j in snapshot.items() if j["replica"] == victim and j["status"] not in TERMINAL]
+        time.sleep(0.1)
     assert victim, "no job started"
-    on_victim = [i for i in ids if _job(ray_url, i)["replica"] == victim]
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
 
     deadline = time.monotonic() + 300

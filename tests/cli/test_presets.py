@@ -47,3 +47,27 @@ def test_run_preset_on_a_release_prints_the_quantize_command(tmp_path):
     assert chosen["quantize_command"] == f"lance-deploy quantize {ckpt} --recipe fp8-ada-hopper --out DIR"
     notes = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any(n["event"] == "note" and "preset rtx4060ti-16gb" in n["message"] for n in notes)
+
+
+def test_preset_on_an_artifact_keeps_its_own_recipe(tmp_path):
+    from input_cases import quantized_artifact
+
+    art = quantized_artifact(tmp_path / "q", "int8-rtn")
+    code, out, err = _invoke("run", "t2i", "--model", art, "--prompt", "a boat", "--height", "32", "--width", "32",
+                             "--steps", "1", "--device", "cpu", "--out", tmp_path / "a.png", "--json",
+                             "--preset", "rtx4090")
+    assert code == 0, err
+    chosen = json.loads(out)["preset"]
+    assert chosen["recipe_used"] == "artifact" and "quantize_command" not in chosen
+    notes = [json.loads(line)["message"] for line in err.splitlines() if line.startswith('{"event": "note"')]
+    assert any("its own recipe is used" in n for n in notes), notes
+
+    base = ["memory-plan", "--model", art, "--task", "t2i", "--height", "64", "--width", "64", "--json"]
+    code, out, err = _invoke(*base, "--preset", "rtx3090")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["preset"]["weights"] is None and "the artifact's own weights" in plan["preset"]["note"]
+    code, out, err = _invoke(*base, "--gpu-memory", "22GiB")
+    assert code == 0, err
+    plain = json.loads(out)  # the preset packs nothing on top of the manifest's formats
+    assert plan["recipe"] is None and plan["layer_bytes"] == plain["layer_bytes"] and plan["weights"] == plain["weights"]

@@ -48,6 +48,7 @@ def build_ui(scheduler, out: Path):
     with gr.Blocks(title="Lance") as ui:
         gr.Markdown(f"## Lance — {scheduler.model_id}\nJobs share the server's queue with the API.")
         last_image = gr.State(None)  # the latest t2i output: a source for the editing session
+        last_video = gr.State(None)  # the latest Video tab output ({"mp4", "frames"}): a video session's source
 
         with gr.Tab("Text to image", elem_id="tab-t2i"):
             prompt = gr.Textbox(label="Prompt", elem_id="t2i-prompt")
@@ -74,6 +75,7 @@ def build_ui(scheduler, out: Path):
         with gr.Tab("Edit session", elem_id="tab-edit"):
             session_dir = gr.State(None)
             parent = gr.State(None)  # None: edit the last turn
+            taken = gr.State(None)  # the lossless frames of a taken generated video (its MP4 is not exact)
             kinds = ["image"] + (["video"] if "video_edit" in tasks else [])
             kind = gr.Radio(kinds, value="image", label="Session of", visible=len(kinds) > 1, elem_id="edit-kind")
             with gr.Row():
@@ -98,8 +100,8 @@ def build_ui(scheduler, out: Path):
             download = gr.DownloadButton("Download current turn", visible=False, elem_id="edit-download")
 
             @guarded
-            async def run_edit(folder, par, k, src, src_video, text, s, n, c, side):
-                session = await act.session(folder, src, k, src_video)
+            async def run_edit(folder, par, k, src, src_video, frames, text, s, n, c, side):
+                session = await act.session(folder, src, k, src_video, frames)
                 req = act.edit_request(session, par, text, s, n, c, side)
                 async for line, job, e in act.follow(req, keep_frames=session.is_video):
                     if not e.terminal:
@@ -113,8 +115,8 @@ def build_ui(scheduler, out: Path):
                     yield (*shown, history(session), str(session.folder), None,
                            gr.update(value=path, visible=True), line, f"Next edit: on turn {index} (the last).")
 
-            edit.click(run_edit, [session_dir, parent, kind, source, source_video, instruction, e_seed, e_steps,
-                                  e_cfg, e_side],
+            edit.click(run_edit, [session_dir, parent, kind, source, source_video, taken, instruction, e_seed,
+                                  e_steps, e_cfg, e_side],
                        [result, result_video, strip, session_dir, parent, download, e_status, branch])
 
             def pick(folder, evt: gr.SelectData):
@@ -126,29 +128,35 @@ def build_ui(scheduler, out: Path):
 
             strip.select(pick, [session_dir], [parent, result, result_video, branch])
 
-            reset = [session_dir, parent, strip, result, result_video, download, branch]
+            reset = [session_dir, parent, strip, result, result_video, download, branch, taken]
 
             def new_session():
-                return None, None, [], None, None, gr.update(visible=False), "Next edit: on the last turn."
+                return None, None, [], None, None, gr.update(visible=False), "Next edit: on the last turn.", None
 
             restart.click(new_session, None, reset)
             source.upload(new_session, None, reset)
             source_video.upload(new_session, None, reset)
+            source_video.clear(new_session, None, reset)
 
             def switch(k):
                 image, video = gr.update(visible=k == "image"), gr.update(visible=k == "video")
-                return (image, video, image, video, image) + new_session()
+                label = gr.update(value=f"Use the generated {k}")
+                return (image, video, image, video, label) + new_session()
 
             kind.change(switch, [kind], [source, source_video, result, result_video, take] + reset)
 
-            def take_generated(path):
-                if not path:
+            def take_generated(k, image_path, video):
+                if k == "video":
+                    if not video:
+                        raise gr.Error("generate a video in the 'Video' tab first")
+                    return (gr.skip(), video["mp4"]) + new_session()[:-1] + (video["frames"],)
+                if not image_path:
                     raise gr.Error("generate an image in the 'Text to image' tab first")
                 from lance_deploy.media.io import read_image
 
-                return (read_image(path),) + new_session()
+                return (read_image(image_path), gr.skip()) + new_session()
 
-            take.click(take_generated, [last_image], [source] + reset)
+            take.click(take_generated, [kind, last_image, last_video], [source, source_video] + reset)
 
         with gr.Tab("Video", elem_id="tab-video", visible="t2v" in tasks):
             v_task = gr.Radio(["t2v", "i2v", "video_edit"], value="t2v", label="Task", elem_id="video-task")
@@ -170,12 +178,16 @@ def build_ui(scheduler, out: Path):
             v_out = gr.Video(label="Result", interactive=False, height=360, elem_id="video-result")
 
             @guarded
-            async def video(*args):
-                async for line, job, e in act.follow(await act.video(*args)):
-                    yield (act.result_path(job) if e.terminal else gr.skip()), line
+            async def video(*args):  # the exact frames are kept too: the edit session can take them
+                async for line, job, e in act.follow(await act.video(*args), keep_frames=True):
+                    if not e.terminal:
+                        yield gr.skip(), line, gr.skip()
+                        continue
+                    path = act.result_path(job)  # a PNG when one frame was asked for
+                    yield path, line, {"mp4": path, "frames": act.kept_frames(job)} if path.endswith(".mp4") else None
 
             v_go.click(video, [v_task, v_prompt, v_image, v_video, v_width, v_height, v_frames, v_seed, v_steps,
-                               v_cfg, v_side, v_negative], [v_out, v_status])
+                               v_cfg, v_side, v_negative], [v_out, v_status, last_video])
 
         with gr.Tab("Ask", elem_id="tab-ask"):
             kinds = [k for k, t in (("image", "x2t_image"), ("video", "x2t_video")) if t in tasks]

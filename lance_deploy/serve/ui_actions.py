@@ -114,8 +114,10 @@ class Actions:
                            max_new_tokens=int(max_tokens), vit_area_side=_side(side))
 
     # -- the editing session --------------------------------------------------------------------
-    async def session(self, folder: str | None, source, kind: str = "image", video_path=None) -> EditSession:
-        """The open session, or a new one from the source image or video (`kind`)."""
+    async def session(self, folder: str | None, source, kind: str = "image", video_path=None,
+                      frames_path=None) -> EditSession:
+        """The open session, or a new one from the source image or video (`kind`). `frames_path`: the
+        lossless frames of a video the Video tab generated (`kept_frames`), taken instead of `video_path`."""
         if folder:
             try:
                 return EditSession.open(folder)
@@ -126,12 +128,14 @@ class Actions:
             if source is None:
                 raise UIError("upload a source image (or take the generated one) to start editing")
             return await asyncio.to_thread(EditSession.create, new, source)
-        if not video_path:
-            raise UIError("upload a source video to start a video editing session")
+        if not video_path and not frames_path:
+            raise UIError("upload a source video (or take the generated one) to start a video editing session")
+        from lance_deploy.api_session import read_frames
         from lance_deploy.media.io import read_video
+        from lance_deploy.media.preprocess import TARGET_FPS
 
         def create() -> EditSession:
-            frames, fps = read_video(video_path)
+            frames, fps = (read_frames(frames_path), TARGET_FPS) if frames_path else read_video(video_path)
             return EditSession.create(new, video=frames, fps=fps)
 
         try:
@@ -143,16 +147,21 @@ class Actions:
         return session.request(prompt, parent=parent, seed=int(seed), steps=int(steps), cfg=float(cfg),
                                vae_area_side=_side(side), vit_area_side=_side(side))
 
+    def kept_frames(self, job: Job) -> str:
+        """The path of a video job's lossless frames (queued with keep_frames): its MP4 is not exact."""
+        self.result_path(job)  # raises on failure
+        name = next((n for n in job.result["files"] if n.endswith(".npy")), None)
+        if name is None:
+            raise UIError(f"job {job.id} kept no lossless frames; queue video jobs with keep_frames=True")
+        return str(self.s.store.path(name))
+
     def record(self, session: EditSession, req, job: Job, parent) -> int:
         from lance_deploy.api_session import read_frames
         from lance_deploy.media.io import read_image
 
         self.result_path(job)  # raises on failure
-        if session.is_video:  # the job's .npy (KEEP_FRAMES): the exact output, which its MP4 is not
-            name = next((n for n in job.result["files"] if n.endswith(".npy")), None)
-            if name is None:
-                raise UIError(f"job {job.id} kept no lossless frames; queue video edits with keep_frames=True")
-            output = read_frames(self.s.store.path(name))
+        if session.is_video:
+            output = read_frames(self.kept_frames(job))
         else:
             output = read_image(self.result_path(job))  # the lossless PNG: the exact output array
         return session.record(req, output, parent=parent).index

@@ -98,3 +98,18 @@ def test_the_negative_prompt_fields_reach_the_request(actions):
     assert actions.t2i("a boat", 64, 64, 1, 2, 4.0).negative_prompt is None
     req = asyncio.run(actions.video("t2v", "a boat", None, None, 64, 64, 5, 1, 2, 4.0, 0, "static"))
     assert req.negative_prompt == "static"
+
+
+def test_a_generated_video_starts_a_session_from_its_exact_frames(actions):
+    async def scenario():
+        req = await actions.video("t2v", "waves", None, None, 32, 32, 5, 3, 2, 4.0, 0)
+        async for _line, job, e in actions.follow(req, keep_frames=True):
+            if e.terminal:
+                frames = actions.kept_frames(job)
+        session = await actions.session(None, None, "video", None, frames)
+        _, index = await _turn(actions, session, None, "add snow", 1)
+        return frames, session, index
+
+    frames, session, index = asyncio.run(scenario())
+    assert session.is_video and index == 1
+    assert np.array_equal(session.media(0), np.load(frames, allow_pickle=False))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from serve_util import ARTIFACTS, live_server, mp4_bytes, png_bytes
 
@@ -121,5 +122,19 @@ def test_ui_drives_every_kind_of_task(browser, engine, ckpt, tmp_path):
         page.wait_for_selector("#video-result video[src]", timeout=TIMEOUT)
         page.screenshot(path=str(ARTIFACTS / "ui_t2v.png"), full_page=True)
         assert len(list((live.out / "results").glob("*.mp4"))) == 3  # the two video edits and the t2v
+
+        # the generated video starts a new video session from its exact frames, not its MP4
+        page.get_by_role("tab", name="Edit session").click()
+        page.click("#edit-take")
+        page.wait_for_selector("#edit-source-video video[src]", timeout=TIMEOUT)
+        _fill(page, "edit-prompt", "add birds")
+        page.click("#edit-go")
+        page.wait_for_function("document.querySelector('#edit-branch')?.innerText.includes('turn 1')", timeout=TIMEOUT)
+        kept = list((live.out / "results").glob("*.npy"))  # exact frames of each video job
+        sessions = [p for p in (live.out / "sessions").iterdir() if (p / "turn_000.npy").exists()]
+        taken = [p for p in sessions if p != video]
+        assert len(taken) == 1 and (taken[0] / "turn_001.npy").exists()
+        first = np.load(taken[0] / "turn_000.npy", allow_pickle=False)
+        assert any(np.array_equal(first, np.load(p, allow_pickle=False)) for p in kept)  # an MP4 decode would differ
         page.close()
     shutil.rmtree(live.out / "sessions", ignore_errors=True)

@@ -8,7 +8,9 @@ one with ordinary copies. Which fields a format uses, and their exact shapes and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -198,10 +200,32 @@ def rowwise(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], w: torch.T
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
     if w.device.type != "cpu" or w.shape[0] <= rows or per_row.shape[0] != w.shape[0]:
         return fn(w, per_row)
-    out = torch.empty(w.shape, dtype=dtype)
+    out = _host_empty(w.shape, dtype)
     for i in range(0, w.shape[0], rows):
         out[i:i + rows] = fn(w[i:i + rows], per_row[i:i + rows])
     return out
+
+
+_host = threading.local()
+
+
+@contextlib.contextmanager
+def host_buffers(take: Callable[[int], torch.Tensor]):
+    """In this thread, `rowwise` puts its codes into `take(nbytes)` (a uint8 tensor: a recycling
+    pool, ``checkpoint/buffers.py``) instead of fresh pages the kernel must zero first."""
+    before, _host.take = getattr(_host, "take", None), take
+    try:
+        yield
+    finally:
+        _host.take = before
+
+
+def _host_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    take = getattr(_host, "take", None)
+    if take is None:
+        return torch.empty(shape, dtype=dtype)
+    n = dtype.itemsize * int(torch.Size(shape).numel())
+    return take(n).view(dtype).view(shape)
 
 
 def row_absmax(w: torch.Tensor, dim: int = 1) -> torch.Tensor:

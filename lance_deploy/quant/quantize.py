@@ -26,6 +26,7 @@ import torch
 from lance_deploy import __version__
 from lance_deploy.artifact.writer import ArtifactWriter
 from lance_deploy.checkpoint import canonical as cn
+from lance_deploy.checkpoint.buffers import BufferPool
 from lance_deploy.checkpoint.layout import discover
 from lance_deploy.checkpoint.loader import load_layer, load_vae_state_dict
 from lance_deploy.checkpoint.pages import drop_file_pages
@@ -36,6 +37,7 @@ from lance_deploy.core.host_memory import fix_mmap_threshold
 from lance_deploy.core.lock import PathLock
 from lance_deploy.core.overlap import WriteBehind, read_ahead
 from lance_deploy.core.progress import bar as progress_bar
+from lance_deploy.formats.base import host_buffers
 from lance_deploy.model.mot import MoTLayer
 from lance_deploy.quant.apply import LinearJob, linear_jobs
 from lance_deploy.quant.jobs import JobFingerprint, JobState, source_fingerprint
@@ -59,23 +61,30 @@ def _jobs(plan: QuantPlan, layer: int) -> dict[str, LinearJob]:
                        if e.packed and cn.layer_of(e.name) == layer and cn.is_linear_weight(e.name))
 
 
-def _shared_source(layout):
-    """Canonical name -> a reader of that tensor in the source files (not in the decoder layers)."""
-    lance = SafetensorsReader(layout.weights_file)
-    vit = lance if layout.has_bundled_vit else (SafetensorsReader(layout.vit_file) if layout.vit_file else None)
+def _shared_source(layout, pool: BufferPool):
+    """(the loader of a plan entry not in the decoder layers, as the plan stores it; the model's
+    reader)."""
+    # one pass over a source larger than RAM: O_DIRECT (no page-cache copy or reclaim), into buffers
+    # handed out again once a layer is gone, not fresh pages the kernel must zero (checkpoint/buffers.py)
+    lance = SafetensorsReader(layout.weights_file, direct=True, pool=pool)
+    vit = lance if layout.has_bundled_vit else (SafetensorsReader(layout.vit_file, direct=True, pool=pool)
+                                                if layout.vit_file else None)
     vae = load_vae_state_dict(layout.vae_file) if layout.vae_file else None
 
-    def read(name: str) -> torch.Tensor:
-        if name.startswith("vae."):
+    def load(entry) -> torch.Tensor:
+        name = entry.name
+        if name.startswith("vae."):  # stored straight from the mapped file: no fp32 copy first
             mapped = vae[name[4:]]
-            value = mapped.clone()
+            value = _store(entry, mapped)
+            if value.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr():
+                value = value.clone()  # stored as it is: keep no view of the mapped file
             drop_file_pages(mapped)
             return value
         if name.startswith("vit.") and not layout.has_bundled_vit:
-            return vit.read(name[4:])
-        return lance.read(cn.to_release(name))
+            return _store(entry, vit.read(name[4:]))
+        return _store(entry, lance.read(cn.to_release(name)))
 
-    return read, lance
+    return load, lance
 
 
 def _store(entry, value: torch.Tensor):
@@ -153,7 +162,8 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
         programs = _calibration_programs(layout, recipe, job, device, progress, plan)
     programs = programs or []
     hidden = [[c.x for c in p.calls] for p in programs]
-    read, lance = _shared_source(layout)
+    pool = BufferPool(idle_bytes=POOL_IDLE_BYTES)  # read buffers and packed codes, recycled
+    load_shared, lance = _shared_source(layout, pool)
     # what the manifest will carry: proves a sealed-but-unrenamed OUT.partial is this job's own
     owner = {"source": source.to_dict(), "recipe": recipe.to_dict(), "created": job.created}
     writer = ArtifactWriter(out_dir, overwrite=overwrite, num_layers=cfg.num_hidden_layers, owner=owner,
@@ -167,7 +177,7 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     shared = [e for e in plan.entries if cn.layer_of(e.name) is None and e.format != "skip"]
     # the reader thread loads the next tensors / layers while this thread packs; the write-behind
     # thread saves each finished layer and streams it into the artifact (core/overlap.py)
-    loads = [(_fp32_bytes([e]), functools.partial(_load_shared, read, e)) for e in shared]
+    loads = [(_fp32_bytes([e]), functools.partial(load_shared, e)) for e in shared]
     loads += [(_fp32_bytes(e for e in plan.entries if cn.layer_of(e.name) == i),
                functools.partial(load_layer, lance, cfg, i, device=device)) for i in todo]
     with (contextlib.closing(read_ahead(loads, READ_AHEAD_BYTES)) as source,
@@ -183,8 +193,9 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
                 behind.submit(functools.partial(_adopt_layer, writer, kept, meta, bar))
                 continue
             layer = next(source)
-            result, hidden = quantize_one_layer(layer, _jobs(plan, index), cfg, programs, hidden, device,
-                                                amax=_amax_choice(recipe))
+            with host_buffers(pool.take):
+                result, hidden = quantize_one_layer(layer, _jobs(plan, index), cfg, programs, hidden, device,
+                                                    amax=_amax_choice(recipe))
             tensors = _layer_tensors(plan, index, layer, result)
             kept = _hidden_tensors(hidden) | _amax_tensors(plan, index, result)
             del layer, result
@@ -195,14 +206,14 @@ def quantize(model_path, recipe: Recipe, out_dir, *, work_dir=None, vit=None, va
     return QuantizeResult(out_dir, plan, time.perf_counter() - start, resumed, summary, notes)
 
 
+POOL_IDLE_BYTES = 3 << 28
+"""Idle read buffers kept for the next layers: one full-size decoder layer's fp32 tensors (0.62 GB)
+and change; the 1.24 GB embedding tables' buffers are freed once layers need the room."""
+
 READ_AHEAD_BYTES = 5 << 28
 """fp32 bytes loaded ahead of the packing loop: one full-size decoder layer (0.62 GB) beside the
 one being packed, or one embedding table alone (1.24 GB), so peak RSS stays under 3 GB (measured
 in docs/benchmarks.md, with `fix_mmap_threshold`)."""
-
-
-def _load_shared(read, entry):
-    return _store(entry, read(entry.name))
 
 
 def _fp32_bytes(entries) -> int:

@@ -205,7 +205,7 @@ class ArtifactWriter:
         shard = self._shard(decls[0].name, group)
         shard.decls = {d.name: d for d in decls}
         entries = [(_key(d.name, f), dtype, shape) for d in decls for f, dtype, shape in d.fields]
-        # tensors hashed one by one; O_DIRECT: no page-cache copy of 9 GB (checkpoint/direct_write.py)
+        # tensors hashed one by one; O_DIRECT: no page-cache copy of 9 GB (checkpoint/direct_io.py)
         shard.writer = SafetensorsWriter(self.partial / shard.rel, entries, hash_file=False,
                                          resumable=self.resume is not None, direct=True)
 

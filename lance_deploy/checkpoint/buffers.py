@@ -71,8 +71,3 @@ class BufferPool:
                 break
             total -= buf.numel()
             del self._buffers[key]
-
-    def clear(self) -> None:
-        """Forget every buffer (those still in use live on with their tensors)."""
-        with self._lock:
-            self._buffers.clear()

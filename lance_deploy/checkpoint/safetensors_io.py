@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lance_deploy.checkpoint.buffers import BufferPool
+from lance_deploy.checkpoint.direct_io import ALIGN, open_direct
 from lance_deploy.core import jsonio
 from lance_deploy.core.errors import CheckpointError
 
@@ -45,7 +46,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _CHUNK = 256 * 1024 * 1024  # Linux caps one read at ~2 GiB; stay well below.
 
-DIRECT_ALIGN = 4096  # O_DIRECT's offset, length and address unit: a page covers every common block size
 DIRECT_MIN_BYTES = 1 << 20
 """Tensors from this size are read with O_DIRECT (``direct=True``); the norms and biases below it
 are a few KB each, where a whole-block read would cost more than the copy it saves."""
@@ -193,17 +193,6 @@ def _read_into(fd: int, buf: memoryview, offset: int, path: Path, need: int | No
         pos += got
 
 
-def _open_direct(path: Path) -> int:
-    """An O_DIRECT descriptor of `path`, or -1 where the platform or filesystem has none (tmpfs)."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return -1
-    try:
-        return os.open(path, os.O_RDONLY | flag)
-    except OSError:
-        return -1
-
-
 class SafetensorsReader:
     """Header-validated safetensors file read tensor by tensor with ``pread``.
 
@@ -227,7 +216,7 @@ class SafetensorsReader:
             size = os.fstat(self._fd).st_size
             self._infos, self.metadata = _parse_header(self.path, self._fd, size)
             if direct:
-                self._direct = _open_direct(self.path)
+                self._direct = open_direct(self.path)
         except BaseException:
             self.close()
             raise
@@ -279,10 +268,10 @@ class SafetensorsReader:
         None where the tensor's offset does not suit its dtype, or the filesystem refuses."""
         if info.offset % itemsize(info.dtype):
             return None
-        start = info.offset - info.offset % DIRECT_ALIGN
-        length = -(-(info.offset + info.nbytes - start) // DIRECT_ALIGN) * DIRECT_ALIGN
-        buf = self._buffer(length + DIRECT_ALIGN)
-        skip = -buf.data_ptr() % DIRECT_ALIGN
+        start = info.offset - info.offset % ALIGN
+        length = -(-(info.offset + info.nbytes - start) // ALIGN) * ALIGN
+        buf = self._buffer(length + ALIGN)
+        skip = -buf.data_ptr() % ALIGN
         window = buf[skip:skip + length]
         try:
             _read_into(self._direct, memoryview(window.numpy()).cast("B"), start, self.path,

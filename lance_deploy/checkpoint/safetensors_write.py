@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from lance_deploy.checkpoint.direct_write import DirectWrites, open_direct
+from lance_deploy.checkpoint.direct_io import DirectWrites, open_direct
 from lance_deploy.checkpoint.safetensors_io import dtype_tag, itemsize
 from lance_deploy.core.errors import CheckpointError
 
@@ -48,7 +48,7 @@ class SafetensorsWriter:
     makes what was written durable.
 
     ``direct=True`` (a quantizer's 9 GB of shards): the bytes go out through O_DIRECT, gathered in
-    an aligned buffer (``direct_write.py``), where the filesystem allows it.
+    an aligned buffer (``direct_io.py``), where the filesystem allows it.
     """
 
     def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, str | torch.dtype, tuple[int, ...]]],
@@ -96,7 +96,7 @@ class SafetensorsWriter:
         self._fd = os.open(self._tmp, flags, 0o644)
         self._direct: DirectWrites | None = None
         try:
-            dfd = open_direct(self._tmp) if direct else -1
+            dfd = open_direct(self._tmp, write=True) if direct else -1
             if dfd >= 0:
                 self._direct = DirectWrites(self._fd, dfd)
             if not self.resumed:

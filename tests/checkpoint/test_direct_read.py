@@ -32,12 +32,12 @@ def test_direct_reads_match_buffered_reads(tensors):
     with SafetensorsReader(path, direct=True) as direct:
         if direct._direct < 0:
             pytest.skip("this filesystem refuses O_DIRECT")
-        assert {direct.info(k).offset % sio.DIRECT_ALIGN for k in ("b.weight", "d.last")} != {0}
+        assert {direct.info(k).offset % sio.ALIGN for k in ("b.weight", "d.last")} != {0}
         for name, want in values.items():
             got = direct.read(name)
             assert got.dtype == want.dtype and torch.equal(got, want), name
             if got.nbytes >= DIRECT_MIN_BYTES:  # a view into an aligned buffer at most 3 pages larger
-                assert got.untyped_storage().nbytes() - got.nbytes <= 3 * sio.DIRECT_ALIGN
+                assert got.untyped_storage().nbytes() - got.nbytes <= 3 * sio.ALIGN
         assert torch.equal(direct.read("b.weight", dtype=torch.bfloat16), values["b.weight"].bfloat16())
 
 
@@ -59,6 +59,6 @@ def test_a_refused_direct_read_falls_back_to_buffered(tensors, monkeypatch):
 
 def test_no_direct_descriptor_where_the_filesystem_has_none(tensors, monkeypatch):
     path, values = tensors
-    monkeypatch.setattr(sio, "_open_direct", lambda p: -1)
+    monkeypatch.setattr(sio, "open_direct", lambda p: -1)
     with SafetensorsReader(path, direct=True) as reader:
         assert reader._direct == -1 and torch.equal(reader.read("b.weight"), values["b.weight"])

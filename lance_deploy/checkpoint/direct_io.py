@@ -1,7 +1,9 @@
-"""Positioned writes through O_DIRECT, combined in one page-aligned staging buffer.
+"""O_DIRECT: its descriptors, and positioned writes gathered in one page-aligned staging buffer.
 
-A quantize writes a 9 GB artifact. Through the page cache, each byte is copied into a fresh cache
-page first; on the 2-core VM of docs/benchmarks.md that copy was 39 % of a full-size quantize's
+(The reads are ``SafetensorsReader(direct=True)``'s: an aligned window into an aligned buffer.)
+
+A quantize writes a 9 GB artifact. Through the page cache, each byte is first copied into a fresh
+cache page; on the 2-core VM of docs/benchmarks.md that copy was 39 % of a full-size quantize's
 CPU time (``copy_folio_from_iter_atomic``), since fresh pages come back cold from the host.
 O_DIRECT wants block-aligned offsets, lengths and addresses, and a safetensors file's tensors sit
 at any byte, so the writes are gathered here: consecutive bytes fill the buffer, whole blocks go
@@ -20,13 +22,14 @@ ALIGN = 4096  # offset, length and address unit: a page covers every common logi
 STAGE_BYTES = 16 << 20
 
 
-def open_direct(path: os.PathLike) -> int:
-    """An O_DIRECT write descriptor of the existing file `path`, or -1 where there is none (tmpfs)."""
+def open_direct(path: os.PathLike, *, write: bool = False) -> int:
+    """An O_DIRECT descriptor of the existing file `path` (read-only, or write-only), or -1 where
+    the platform or the filesystem has none (tmpfs, some FUSE mounts)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return -1
     try:
-        return os.open(path, os.O_WRONLY | flag)
+        return os.open(path, (os.O_WRONLY if write else os.O_RDONLY) | flag)
     except OSError:
         return -1
 

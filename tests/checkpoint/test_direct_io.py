@@ -1,4 +1,4 @@
-"""O_DIRECT writes gathered in an aligned buffer (`checkpoint/direct_write.py`): the file holds
+"""O_DIRECT writes gathered in an aligned buffer (`checkpoint/direct_io.py`): the file holds
 exactly the bytes a plain writer gives, in order or not, across syncs (a partial block written
 buffered, then completed), on a reopened file, and where O_DIRECT is refused."""
 
@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
-from lance_deploy.checkpoint import direct_write
-from lance_deploy.checkpoint.direct_write import ALIGN, DirectWrites
+from lance_deploy.checkpoint import direct_io
+from lance_deploy.checkpoint.direct_io import ALIGN, DirectWrites
 from lance_deploy.checkpoint.safetensors_io import SafetensorsReader
 from lance_deploy.checkpoint.safetensors_write import SafetensorsWriter
 
@@ -25,7 +25,7 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _write(path, tensors, order, *, direct: bool, sync_every: int = 0, stage: int | None = None, monkeypatch=None):
     if stage is not None:
-        monkeypatch.setattr(direct_write, "STAGE_BYTES", stage)
+        monkeypatch.setattr(direct_io, "STAGE_BYTES", stage)
     w = SafetensorsWriter(path, [(k, t.dtype, t.shape) for k, t in tensors.items()], direct=direct)
     for i, name in enumerate(order):
         w.write(name, tensors[name])
@@ -53,7 +53,7 @@ def test_direct_writes_give_the_plain_writers_bytes(tmp_path, monkeypatch, shuff
 def test_the_writes_use_o_direct_where_the_filesystem_allows(tmp_path):
     probe = tmp_path / "probe"
     probe.write_bytes(b"")
-    fd = direct_write.open_direct(probe)
+    fd = direct_io.open_direct(probe, write=True)
     if fd < 0:
         pytest.skip("this filesystem refuses O_DIRECT")
     os.close(fd)
@@ -68,7 +68,7 @@ def test_a_new_run_reads_its_first_block_back_from_the_file(tmp_path):
     original = bytes(random.Random(2).randrange(256) for _ in range(3 * ALIGN + 100))
     path.write_bytes(original)
     fd = os.open(path, os.O_RDWR)
-    writes = DirectWrites(fd, direct_write.open_direct(path), stage_bytes=2 * ALIGN)
+    writes = DirectWrites(fd, direct_io.open_direct(path, write=True), stage_bytes=2 * ALIGN)
     patch = b"\xff" * (ALIGN + 10)
     writes.write(patch, ALIGN + 50)  # inside a block, across the next boundary
     writes.write(b"\x01\x02", 7)  # elsewhere: the first run is flushed first

@@ -250,7 +250,7 @@ class QLinear(nn.Module):
             y = _fp8_w8a8_reference(x2, self.qdata, self.scale)
         else:
             wt = self.qdata_t if self.prepared == "int8_t" else self.qdata.t()
-            y = _int8_w8a8(x2, wt, self.scale)
+            y = _int8_w8a8(x2, wt, self.scale, x.dtype if self.bias is None else torch.float32)
         return self._finish(y, lead, x.dtype)
 
     def _finish(self, y: torch.Tensor, lead, dtype) -> torch.Tensor:
@@ -299,10 +299,23 @@ def _w8a8_static(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, fmt,
     return (xq.float() * s) @ (qdata.float() * scale.float()).t()
 
 
-def _int8_w8a8(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [n, in] -> fp32 [n, out]: per-token int8 activations, int32-exact GEMM, fp32 epilogue."""
+EPILOGUE_SLICES = 8
+"""int8 W8A8's fp32 epilogue runs on this many row slices of the int32 result: one fp32 slice lives
+beside it, not a whole fp32 copy (on t2v's [rows, 11008] gate / up output, 1.4 GB less)."""
+
+
+def _int8_w8a8(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [n, in] -> out_dtype [n, out]: per-token int8 activations, int32-exact GEMM, fp32 epilogue
+    (int32 * x scale * w scale), rounded once to `out_dtype`: the values of the whole-tensor formula."""
     xq, xs = int8.quantize_activations(x)
-    return _int_mm(xq, w_t).float() * xs * scale.float().t()
+    acc = _int_mm(xq, w_t)
+    del xq
+    w_scale = scale.float().t()
+    out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    step = max(1, -(-acc.shape[0] // EPILOGUE_SLICES))
+    for i in range(0, acc.shape[0], step):
+        out[i:i + step] = acc[i:i + step].float().mul_(xs[i:i + step]).mul_(w_scale)
+    return out
 
 
 def _int_mm(xq: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
@@ -348,15 +361,14 @@ def input_transient_bytes(smooth: bool, w8a8: str | None) -> int:
     division keeps one fp32 copy divided in place and the smoothed bf16 copy (6); per-token
     activation quantization one fp32 copy scaled in place beside its 1-byte codes (5, 7 after a
     smooth), on the down projection's input. On the gate / up outputs, int8's GEMM epilogue holds
-    its int32 result and an fp32 copy (6 beyond the output) while `gate_proj`'s output lives; fp8's
-    `_scaled_mm` writes bf16 and holds nothing more. The figures: fp8 W8A8 5, int8 W8A8 8, anything
-    smoothed 8 (10 with W8A8), the last three the ones the rehearsal matrix was within 3.4 % of
-    (docs/benchmarks.md). fp8 W8A8 on a GPU without fp8 tensor cores (before sm89) takes the fp32
-    reference path, which holds more: use the int8 recipes there. Weight-only paths: 0 (their weight
-    scratch is counted per call, not per row)."""
+    its int32 result and one fp32 row slice (`EPILOGUE_SLICES`: 4.5 beyond the output); fp8's
+    `_scaled_mm` writes bf16 and holds nothing more. The figures, each the measured most rounded up:
+    W8A8 5, smoothed 5 (7 with W8A8). fp8 W8A8 on a GPU without fp8 tensor cores (before sm89)
+    takes the fp32 reference path, which holds more: use the int8 recipes there. Weight-only paths:
+    0 (their weight scratch is counted per call, not per row)."""
     if smooth:
-        return 10 if w8a8 else 8
-    return {None: 0, "fp8_e4m3": 5}.get(w8a8, 8)
+        return 7 if w8a8 else 5
+    return 0 if w8a8 is None else 5
 
 
 def expert_input_transients(linears) -> tuple[int, int]:

@@ -104,8 +104,9 @@ def test_an_understanding_task_plans_only_the_und_half_of_an_artifact(release):
 def test_w8a8_and_smoothed_linears_add_their_input_transients_to_the_plan(release):
     """Per-token activation quantization and the smooth division hold fp32 copies of a Linear's
     input: at t2v's ~50k denoising rows the down projection's cost 2.2-3.2 GiB the planner missed
-    (rehearsed 1.19-1.28x). int8's GEMM epilogue holds more than fp8's, whose `_scaled_mm` writes
-    bf16. The big call is the gen expert's, so und-only W8A8 changes nothing."""
+    (rehearsed 1.19-1.28x). Both W8A8 formats now hold the same at their peak, the down projection's
+    input (int8's epilogue works on row slices; fp8's `_scaled_mm` writes bf16). The big call is the
+    gen expert's, so und-only W8A8 changes nothing."""
     from lance_deploy.planning.rehearsal import plan_request, request
 
     def denoise(formats) -> int:
@@ -115,8 +116,8 @@ def test_w8a8_and_smoothed_linears_add_their_input_transients_to_the_plan(releas
     w8a8, weight_only = FormatSpec("int8", activations="dynamic_per_token"), FormatSpec("fp8_e4m3")
     fp8_w8a8 = FormatSpec("fp8_e4m3", activations="dynamic_per_token")
     base = denoise(expert_formats(weight_only))
-    assert denoise(expert_formats(w8a8)) - base > 2 * GiB
-    assert base < denoise(expert_formats(fp8_w8a8)) < denoise(expert_formats(w8a8))
+    extra = denoise(expert_formats(w8a8)) - base
+    assert extra > GiB // 4 and denoise(expert_formats(fp8_w8a8)) - base == extra
     mixed = expert_formats(weight_only, experts=("gen",)) | expert_formats(w8a8, experts=("und",))
     assert denoise(mixed) == base
 

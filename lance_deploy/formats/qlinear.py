@@ -362,14 +362,16 @@ def input_transient_bytes(smooth: bool, w8a8: str | None) -> int:
     activation quantization one fp32 copy scaled in place beside its 1-byte codes (5, 7 after a
     smooth), on the down projection's input. On the gate / up outputs, int8's GEMM epilogue holds
     its int32 result and one fp32 row slice (`EPILOGUE_SLICES`: 4.5 beyond the output); fp8's
-    `_scaled_mm` writes bf16 and holds nothing more. The figures: W8A8 5 and smoothed W8A8 7, each
-    the measured most rounded up; smoothed weight-only 8, which the int4 AWQ rows of the rehearsal
-    matrix need (the int4 path holds 5.6 at the down projection, and something more not yet traced:
-    with 5 those rows were up to 1.09x the plan). fp8 W8A8 on a GPU without fp8 tensor cores (before sm89)
-    takes the fp32 reference path, which holds more: use the int8 recipes there. Weight-only paths:
-    0 (their weight scratch is counted per call, not per row)."""
+    `_scaled_mm` writes bf16 and holds nothing more.
+
+    The figures: W8A8 5 and smoothed W8A8 7, each the measured most rounded up; smoothed weight-only
+    7 too, from the int4 AWQ rows of the rehearsal matrix (the int4 path holds 5.6 at the down
+    projection and something more not yet traced: with 5 those rows were up to 1.09x the plan, with
+    8 down to 0.88x). Weight-only paths: 0 (their weight scratch is counted per call, not per row).
+    fp8 W8A8 on a GPU without fp8 tensor cores (before sm89) takes the fp32 reference path, which
+    holds more: use the int8 recipes there."""
     if smooth:
-        return 7 if w8a8 else 8
+        return 7
     return 0 if w8a8 is None else 5
 
 

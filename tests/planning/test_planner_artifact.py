@@ -84,5 +84,5 @@ def test_a_weight_only_artifact_adds_no_linear_input_transients(artifact):
 
     assert ModelInfo.load(artifact, "t2i").input_transient() == (0, 0)  # int8-rtn: weight-only, no smooth
     assert expert_input_transients([("und", True, None), ("gen", False, "int8"), ("gen", True, "int8"),
-                                    (None, True, "int8")]) == (8, 7)
+                                    (None, True, "int8")]) == (7, 7)
     assert expert_input_transients([("und", False, "fp8_e4m3"), ("gen", False, None)]) == (5, 0)

@@ -76,7 +76,8 @@ def _shared_source(layout, pool: BufferPool):
         if name.startswith("vae."):  # stored straight from the mapped file: no fp32 copy first
             mapped = vae[name[4:]]
             value = _store(entry, mapped)
-            if value.untyped_storage().data_ptr() == mapped.untyped_storage().data_ptr():
+            same = isinstance(value, torch.Tensor) and value.data_ptr() == mapped.data_ptr()
+            if same:
                 value = value.clone()  # stored as it is: keep no view of the mapped file
             drop_file_pages(mapped)
             return value

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from load_memory import CHUNK, _read_once
+from load_memory import _read_once
 
 
 def _evict(files: list[Path]) -> None:
@@ -38,28 +38,12 @@ def _evict(files: list[Path]) -> None:
             os.close(fd)
 
 
-def _read_once_direct(paths: list[Path]) -> float:
-    """Seconds to read the files once with O_DIRECT into one page-aligned buffer (no page cache)."""
-    start = time.perf_counter()
-    buf = mmap.mmap(-1, CHUNK)  # anonymous maps are page-aligned, as O_DIRECT wants
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
-        try:
-            offset = 0
-            while n := os.preadv(fd, [buf], offset):
-                offset += n
-        finally:
-            os.close(fd)
-    buf.close()
-    return time.perf_counter() - start
-
-
 def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def _read_while_writing(files: list[Path], nbytes: int, scratch: Path) -> float:
-    """Seconds for `_read_once_direct(files)` and writing `nbytes` to `scratch` at the same time."""
+    """Seconds for `_read_once(files, direct=True)` and writing `nbytes` to `scratch` at the same time."""
     scratch.mkdir(parents=True, exist_ok=True)
     block, part = mmap.mmap(-1, 64 << 20), 256 << 20  # page-aligned, as O_DIRECT wants
     block.write(os.urandom(len(block)))
@@ -79,7 +63,7 @@ def _read_while_writing(files: list[Path], nbytes: int, scratch: Path) -> float:
     start = time.perf_counter()
     writer = threading.Thread(target=write)
     writer.start()
-    _read_once_direct(files)
+    _read_once(files, direct=True)
     writer.join()
     seconds = time.perf_counter() - start
     shutil.rmtree(scratch, ignore_errors=True)
@@ -117,7 +101,7 @@ def main() -> None:
     _evict(files)
     buffered_s = _read_once(files)
     _evict(files)
-    direct_s = _read_once_direct(files)
+    direct_s = _read_once(files, direct=True)
     read_s = min(buffered_s, direct_s)
     gib = 1024**3
     print(f"read once: {sum(f.stat().st_size for f in files) / gib:.2f} GiB in {buffered_s:.1f} s buffered, "
